@@ -1,0 +1,211 @@
+"""`load_pipeline`: weights + device + dtype + sampler + safety checker -> a ready FastComposerPipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import CLIPImageProcessor
+
+from . import config
+from .architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
+from .checkpoint import load_into_modules, read_state_dict
+from .pipeline import FastComposerPipeline
+from .prompt import load_tokenizer
+from .schedulers import make_scheduler
+from .weights import (
+    ResolvedWeights,
+    WeightsUnavailableError,
+    cache_dir,
+    checkpoint_sha256,
+    converted_dir,
+    is_converted_folder,
+    resolve_weights,
+    write_provenance,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast(pipe: FastComposerPipeline, dtype: torch.dtype) -> FastComposerPipeline:
+    """Cast every network to `dtype` (diffusers' own `.to(dtype)` warns needlessly for each model)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, dtype=dtype)
+    return pipe
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for but Apple's MPS is not available; use --device cpu")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": fp16 on GPUs (cuda, mps), fp32 on the CPU (fp16 is slow there; bf16 only when asked)."""
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, fp16 or bf16")
+    if dtype == "fp16" and device.type == "cpu":
+        logger.warning("fp16 on the CPU is very slow; consider --dtype fp32 or bf16")
+    return DTYPES[dtype]
+
+
+def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
+    """Diffusers' StableDiffusionSafetyChecker from the Hub (pinned by $FASTCOMPOSER_SAFETY_REVISION).
+
+    Raises:
+        `WeightsUnavailableError` saying how to get it or how to run without it.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    revision = os.environ.get("FASTCOMPOSER_SAFETY_REVISION") or config.SAFETY_CHECKER_REVISION
+    try:
+        return StableDiffusionSafetyChecker.from_pretrained(
+            config.SAFETY_CHECKER_REPO, revision=revision, dtype=dtype, local_files_only=not allow_download
+        )
+    except Exception as e:
+        raise WeightsUnavailableError(
+            f"the safety checker ({config.SAFETY_CHECKER_REPO}, ~1.2 GB) could not be loaded "
+            f"({type(e).__name__}). Connect to the internet once so it can be downloaded, or run without it "
+            "with --no-safety-checker (FASTCOMPOSER_DISABLE_SAFETY=1 for the app)."
+        ) from e
+
+
+def _local_cache_dir(path: Path, arch: Architecture) -> Path:
+    """Converted-copy folder for a local checkpoint file, keyed by its identity and the architecture."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch.name}|{sorted(arch.image_encoder.items())}"
+    return cache_dir() / "converted" / f"local-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def assemble(
+    modules: dict[str, torch.nn.Module], arch: Architecture, scheduler: str = "pndm"
+) -> FastComposerPipeline:
+    """A pipeline from built modules plus the architecture's tokenizer and sampler (no safety checker)."""
+    return FastComposerPipeline(
+        **modules,
+        tokenizer=load_tokenizer(arch.tokenizer_dir),
+        scheduler=make_scheduler(scheduler, arch.scheduler),
+        feature_extractor=CLIPImageProcessor(**arch.feature_extractor),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_converted(pipe: FastComposerPipeline, folder: Path, resolved: ResolvedWeights) -> None:
+    """Save a diffusers-format copy with safetensors, atomically (a half-written folder is never used)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_provenance(tmp, resolved)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        logger.info("saved a converted copy for fast starts to %s", folder)
+    except OSError as e:  # a full disk must not stop generation: the weights are loaded already
+        logger.warning("could not save the converted copy (%s); the next start reads the checkpoint again", e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_modules_from_checkpoint(path: Path, arch: Architecture, dtype: torch.dtype | None) -> dict:
+    """Build the networks on the meta device and assign the checkpoint's tensors: weights are held once."""
+    state_dict = read_state_dict(path, expected_sha256=checkpoint_sha256())
+    modules = build_modules(arch, empty=True)
+    load_into_modules(modules, state_dict, dtype, source=f"checkpoint {path.name}")
+    return modules
+
+
+def load_pipeline(
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    scheduler: str = config.GenerationDefaults.scheduler,
+    safety_checker: bool = True,
+    base_model: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+    allow_download: bool = True,
+    cache_converted: bool = True,
+) -> FastComposerPipeline:
+    """Load FastComposer, ready to call.
+
+    Args:
+        weights: None (cache, then the Hub), "tiny" (random tiny model), a released-layout checkpoint file,
+            or a folder made by `python -m fastcomposer convert`.
+        device: "auto", "cpu", "cuda" or "mps".
+        dtype: "auto", "fp32", "fp16" or "bf16".
+        scheduler: "pndm" (the original's), "dpm", "ddim" or "euler".
+        safety_checker: run diffusers' StableDiffusionSafetyChecker on every image (downloaded once).
+        base_model: a diffusers SD folder whose configs, tokenizer and scheduler replace the bundled ones.
+        image_encoder: a CLIP folder whose `config.json` (a CLIPConfig) replaces the bundled vision config.
+        allow_download: False never touches the network.
+        cache_converted: after reading a checkpoint file, save a fast-loading copy in the cache.
+
+    Returns:
+        [`FastComposerPipeline`] on `device`, with `pipe.weights_label` naming the weights for metadata.
+
+    Raises:
+        `WeightsUnavailableError`, `CheckpointError`, `ValueError` with messages that say how to fix them.
+    """
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    resolved = resolve_weights(weights, allow_download=allow_download)
+    arch = with_overrides(
+        tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
+    )
+    if resolved.kind == "checkpoint" and cache_converted:
+        cached = converted_dir(resolved.revision) if resolved.origin == "hub" else _local_cache_dir(resolved.path, arch)
+        if is_converted_folder(cached):
+            resolved = ResolvedWeights("converted", cached, "cache", resolved.revision)
+
+    if resolved.kind == "tiny":
+        pipe = cast(assemble(build_modules(arch, empty=False), arch, scheduler), torch_dtype)
+        label = "tiny (random weights)"
+    elif resolved.kind == "checkpoint":
+        keep_file_dtypes = cache_converted  # save the copy losslessly, then cast
+        modules = load_modules_from_checkpoint(resolved.path, arch, None if keep_file_dtypes else torch_dtype)
+        pipe = assemble(modules, arch, scheduler)
+        if cache_converted:
+            folder = converted_dir(resolved.revision) if resolved.origin == "hub" else _local_cache_dir(resolved.path, arch)
+            save_converted(pipe, folder, resolved)
+        cast(pipe, torch_dtype)
+        label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
+    else:
+        pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=torch_dtype, safety_checker=None,
+                                                    requires_safety_checker=False)
+        pipe.scheduler = make_scheduler(scheduler, arch.scheduler if base_model else dict(pipe.scheduler.config))
+        if base_model is not None:
+            pipe.tokenizer = load_tokenizer(arch.tokenizer_dir)
+        label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
+
+    if safety_checker:
+        pipe.register_modules(safety_checker=load_safety_checker(torch_dtype, allow_download))
+        pipe.register_to_config(requires_safety_checker=True)
+    else:
+        logger.warning("the safety checker is off: generated images are not filtered")
+    pipe.to(torch_device)
+    pipe.weights_label = label
+    pipe.set_progress_bar_config(disable=True)  # callers show their own progress
+    logger.info("FastComposer ready: %s on %s (%s)", label, torch_device, str(torch_dtype).removeprefix("torch."))
+    return pipe

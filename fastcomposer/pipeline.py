@@ -1,0 +1,376 @@
+"""FastComposerPipeline: Stable Diffusion 1.5 with subjects, by delayed subject conditioning.
+
+A small `StableDiffusionPipeline` subclass. What it adds (spec section 4):
+
+1. The prompt is read twice: as plain text (markers removed) and "augmented", where each subject
+   word's embedding is fused with a CLIP embedding of that subject's photo (see model.py).
+2. Delayed conditioning: the conditional branch sees the plain text while the loop index
+   i <= (1 - alpha) * num_inference_steps, so the layout forms from the prompt first, and the
+   augmented embedding afterwards, so the subjects' identities fill that layout. The unconditional
+   branch always sees the negative prompt and never the subjects.
+
+Everything else (VAE decode, safety checker, progress bar, samplers) is the inherited diffusers code.
+
+Example:
+    >>> from fastcomposer import load_pipeline
+    >>> from PIL import Image
+    >>> pipe = load_pipeline()  # downloads mit-han-lab/fastcomposer once
+    >>> out = pipe("a man img and a woman img hiking", [Image.open("him.jpg"), Image.open("her.jpg")])
+    >>> out.images[0].save("hike.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from .config import SETTINGS
+from .model import PostfuseModule, SubjectImageProcessor, encode_subjects
+from .prompt import ParsedPrompt, parse_prompt
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FastComposerPipelineOutput(BaseOutput):
+    """What a pipeline call returns.
+
+    Args:
+        images: the generated images (PIL list, numpy array or tensor, by `output_type`). An image the
+            safety checker flagged is replaced by a plain grey placeholder; its pixels are never returned.
+        nsfw_content_detected: per image, whether the safety checker flagged it (None without a checker).
+        interrupted: True when a step callback stopped the run; `images` is then empty.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+    interrupted: bool = False
+
+
+def placeholder_image(width: int, height: int) -> PIL.Image.Image:
+    """What a flagged image is replaced by: flat grey, so nothing of the original survives."""
+    return PIL.Image.new("RGB", (width, height), (128, 128, 128))
+
+
+class FastComposerPipeline(StableDiffusionPipeline):
+    r"""Text-to-image generation of one to four given subjects with FastComposer (arXiv 2305.10431).
+
+    Components are those of [`StableDiffusionPipeline`] plus `image_encoder` (CLIP ViT-L/14 vision tower
+    with its projection) and `postfuse_module` ([`PostfuseModule`]).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->postfuse_module->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection,
+        postfuse_module: PostfuseModule,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        requires_safety_checker: bool = True,
+        object_resolution: int = 256,
+    ):
+        # Keyword arguments only: the parent's positional order has changed across diffusers releases.
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.register_modules(postfuse_module=postfuse_module)
+        self.register_to_config(object_resolution=object_resolution)
+        self.subject_processor = SubjectImageProcessor(object_resolution)
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def check_inputs(  # type: ignore[override]
+        self,
+        parsed: ParsedPrompt,
+        subject_images: Sequence[PIL.Image.Image],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        alpha: float,
+        num_images_per_prompt: int,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """Raise `ValueError` naming the argument, the value given and what is expected."""
+        n = len(subject_images)
+        if parsed.num_subjects != n:
+            raise ValueError(
+                f"the prompt has {parsed.num_subjects} subject marker(s) but {n} subject image(s) were given; "
+                "write `img` after each subject word, one per image, in image order"
+            )
+        if n == 0:
+            raise ValueError("at least one subject image and one `img` marker are needed")
+        if not all(isinstance(im, PIL.Image.Image) for im in subject_images):
+            raise ValueError("`subject_images` must be PIL images")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive multiples of 8 but are {height} and {width}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer but is {num_inference_steps!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be between 0 and 1 but is {alpha}")
+        if guidance_scale < 1.0:
+            raise ValueError(
+                f"`guidance_scale` must be >= 1 but is {guidance_scale}: below 1 pushes away from the prompt"
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer but is {num_images_per_prompt!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}")
+
+    def encode_text(self, text: str, device: torch.device) -> torch.Tensor:
+        """(1, L, D) CLIP text embeddings, padded to and cut at the context length (end token kept).
+
+        Written out instead of the inherited `encode_prompt`, which logs the cut-off text of long prompts.
+        """
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(device))[0]
+
+    def encode_subject_images(self, images: Sequence[PIL.Image.Image], device: torch.device) -> torch.Tensor:
+        """(1, k, 1, D) CLIP embeddings of the subject photos (pad to square, 256, then 224 in the encoder)."""
+        pixels = self.subject_processor(images).to(device=device, dtype=self.image_encoder.dtype)
+        return encode_subjects(self.image_encoder, pixels)
+
+    def encode_augmented_prompt(
+        self, parsed: ParsedPrompt, object_embeds: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """(1, L, D) text embeddings of the clean ids with each subject's embedding fused in."""
+        input_ids = torch.tensor([parsed.input_ids], device=device)
+        mask = torch.tensor([parsed.image_token_mask], device=device)
+        text_embeds = self.text_encoder(input_ids)[0]
+        num_objects = torch.tensor([parsed.num_subjects], device=device)
+        return self.postfuse_module(text_embeds, object_embeds, mask, num_objects)
+
+    @staticmethod
+    def text_only_iterations(alpha: float, num_inference_steps: int) -> float:
+        """Loop index up to which (inclusive) the conditional branch sees only the text.
+
+        A float, not rounded, compared with the loop index as the released code did. With PNDM's
+        N + 1 iterations and alpha = 1 the first iteration is still text-only.
+        """
+        return (1.0 - alpha) * num_inference_steps
+
+    def decode_and_check(
+        self, latents: torch.Tensor, output_type: str, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Any, list[bool] | None]:
+        """VAE decode, safety check, convert; flagged images become placeholders."""
+        latents = 1 / self.vae.config.scaling_factor * latents
+        image = self.vae.decode(latents, return_dict=False)[0]
+        image, nsfw = self.run_safety_checker(image, device, dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        if nsfw is not None and output_type == "pil":
+            image = [placeholder_image(*im.size) if flag else im for im, flag in zip(image, nsfw)]
+        return image, (None if nsfw is None else [bool(f) for f in nsfw])
+
+    # -- the call -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        subject_images: Sequence[PIL.Image.Image],
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = SETTINGS.defaults.num_inference_steps,
+        guidance_scale: float = SETTINGS.defaults.guidance_scale,
+        alpha: float = SETTINGS.defaults.alpha,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> FastComposerPipelineOutput | tuple:
+        r"""Generate images of the given subjects.
+
+        Args:
+            prompt (`str`): text with `img` after each subject word, e.g. "a man img and a woman img hiking".
+            subject_images (`list[PIL.Image.Image]`): one photo per marker; the k-th goes with the k-th `img`.
+            negative_prompt (`str`, *optional*): what to steer away from; None means "".
+            height, width (`int`, *optional*, defaults to the UNet's sample size x 8 = 512).
+            num_inference_steps (`int`, defaults to 50).
+            guidance_scale (`float`, defaults to 5.0): classifier-free guidance weight; 1 disables guidance
+                (and the negative prompt).
+            alpha (`float`, defaults to 0.75): share of the denoising loop conditioned on the subjects. Higher
+                keeps identity better, lower follows the prompt better.
+            num_images_per_prompt (`int`, defaults to 1).
+            generator (`torch.Generator`, *optional*): seed source. A CPU generator gives the same image on
+                every device.
+            latents (`torch.Tensor`, *optional*): starting noise instead of drawing it from `generator`.
+            eta (`float`, defaults to 0.0): DDIM's eta; ignored by the other samplers.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
+            return_dict (`bool`, defaults to True): return a `FastComposerPipelineOutput` instead of a tuple.
+            cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors.
+            callback_on_step_end (`Callable`, *optional*): called as `fn(pipe, i, t, tensors)` after each loop
+                iteration; call `pipe.request_stop()` inside it to stop the run.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
+
+        Returns:
+            [`FastComposerPipelineOutput`] or `(images, nsfw_content_detected)`.
+        """
+        # 0. Default size from the UNet, as the released pipeline did
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. Parse the prompt and check inputs
+        parsed = parse_prompt(prompt, self.tokenizer)
+        subject_images = list(subject_images)
+        self.check_inputs(
+            parsed, subject_images, height, width, num_inference_steps, guidance_scale, alpha,
+            num_images_per_prompt, tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        do_cfg = guidance_scale > 1.0
+        device = self._execution_device
+
+        # 2. Encode the plain-text prompt and the negative prompt: (n, L, D) each
+        text_embeds = self.encode_text(parsed.text_only, device).repeat(num_images_per_prompt, 1, 1)
+        negative_embeds = self.encode_text(negative_prompt or "", device).repeat(num_images_per_prompt, 1, 1)
+
+        # 3. Encode the subjects and fuse them into the prompt: (n, L, D)
+        object_embeds = self.encode_subject_images(subject_images, device)
+        augmented_embeds = self.encode_augmented_prompt(parsed, object_embeds, device)
+        augmented_embeds = augmented_embeds.to(text_embeds.dtype).repeat(num_images_per_prompt, 1, 1)
+
+        # 4. Prepare timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 5. Prepare latents: drawn with `generator` (on its device), then moved
+        latents = self.prepare_latents(
+            num_images_per_prompt, self.unet.config.in_channels, height, width,
+            text_embeds.dtype, device, generator, latents,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 6. Delayed subject conditioning: which embedding the conditional branch sees, per iteration
+        switch = self.text_only_iterations(alpha, num_inference_steps)
+        text_cond = torch.cat([negative_embeds, text_embeds]) if do_cfg else text_embeds
+        subject_cond = torch.cat([negative_embeds, augmented_embeds]) if do_cfg else augmented_embeds
+
+        # 7. Denoising loop
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                cond = text_cond if i <= switch else subject_cond
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=cond,
+                    cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
+                )[0]
+                if do_cfg:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local_tensors = {"latents": latents}
+                    outputs = callback_on_step_end(self, i, t, {k: local_tensors[k] for k in tensor_inputs})
+                    latents = (outputs or {}).pop("latents", latents)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 8. Stopped early: skip the decode (seconds on a CPU) and return nothing
+        if self.interrupt:
+            self.maybe_free_model_hooks()
+            return FastComposerPipelineOutput(images=[], nsfw_content_detected=None, interrupted=True)
+
+        # 9. Decode, run the safety checker, convert
+        if output_type == "latent":
+            images, nsfw = latents, None
+        else:
+            images, nsfw = self.decode_and_check(latents, output_type, device, text_embeds.dtype)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return images, nsfw
+        return FastComposerPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+    # -- conveniences ---------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask a running call to stop after the current step (safe to call from a step callback)."""
+        self._interrupt = True
+
+    def infer(
+        self,
+        prompt: str,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        alpha_: float = 0.7,
+        reference_subject_images: Sequence[PIL.Image.Image] | None = None,
+        **unused: Any,
+    ) -> dict[str, Any]:
+        """OpenMMLab mmagic's `FastComposer.infer`, with its defaults (guidance 7.5, alpha 0.7).
+
+        Returns `{"samples": images, "nsfw_content_detected": flags}` so mmagic snippets port by changing
+        only how the model is built.
+        """
+        if unused:
+            logger.warning("infer(): ignoring unsupported arguments %s", sorted(unused))
+        out = self(
+            prompt,
+            reference_subject_images or [],
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            alpha=alpha_,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            eta=eta,
+            output_type=output_type,
+        )
+        return {"samples": out.images, "nsfw_content_detected": out.nsfw_content_detected}
