@@ -194,9 +194,11 @@ def load_pipeline(
     else:
         pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=torch_dtype, safety_checker=None,
                                                     requires_safety_checker=False)
-        pipe.scheduler = make_scheduler(scheduler, arch.scheduler if base_model else dict(pipe.scheduler.config))
-        if base_model is not None:
+        if base_model is not None:  # its tokenizer and scheduler replace the ones saved in the folder
             pipe.tokenizer = load_tokenizer(arch.tokenizer_dir)
+            pipe._base_scheduler_config = dict(arch.scheduler)
+            pipe.scheduler = make_scheduler(scheduler, arch.scheduler)
+        pipe.use_scheduler(scheduler)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
 
     if safety_checker:

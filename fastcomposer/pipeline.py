@@ -37,6 +37,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from .config import SETTINGS
 from .model import PostfuseModule, SubjectImageProcessor, encode_subjects
 from .prompt import ParsedPrompt, parse_prompt
+from .schedulers import make_scheduler, scheduler_name
 
 logger = logging.get_logger(__name__)
 
@@ -103,6 +104,8 @@ class FastComposerPipeline(StableDiffusionPipeline):
         self.register_modules(postfuse_module=postfuse_module)
         self.register_to_config(object_resolution=object_resolution)
         self.subject_processor = SubjectImageProcessor(object_resolution)
+        # The sampler config every `use_scheduler` call starts from (SD1.5's PNDM config by default).
+        self._base_scheduler_config = dict(scheduler.config) if scheduler is not None else {}
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -329,6 +332,11 @@ class FastComposerPipeline(StableDiffusionPipeline):
         return FastComposerPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
     # -- conveniences ---------------------------------------------------------------------------------
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch the sampler ("pndm", "dpm", "ddim" or "euler"), keeping the model's noise schedule."""
+        if scheduler_name(self.scheduler) != name:
+            self.scheduler = make_scheduler(name, self._base_scheduler_config)
 
     def request_stop(self) -> None:
         """Ask a running call to stop after the current step (safe to call from a step callback)."""

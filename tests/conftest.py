@@ -1,0 +1,56 @@
+"""Shared fixtures. Everything runs offline on the CPU with the tiny model and the real tokenizer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: never reach for the network, never touch ~/.cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["FASTCOMPOSER_CACHE"] = tempfile.mkdtemp(prefix="fastcomposer-test-cache-")
+
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow or gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    run_slow = config.getoption("--run-slow")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif ("slow" in item.keywords or "gpu" in item.keywords) and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fastcomposer.prompt import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The tiny random model on the CPU, without a safety checker. Tests must not leave state on it."""
+    from fastcomposer.loader import load_pipeline
+
+    return load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, PIL.Image.Image]:
+    """The bundled public-domain photos (see assets/LICENSES.md)."""
+    return {
+        "astronaut": PIL.Image.open(ASSETS / "astronaut.png").convert("RGB"),
+        "hopper": PIL.Image.open(ASSETS / "grace_hopper.jpg").convert("RGB"),
+        "camera": PIL.Image.open(ASSETS / "camera.png").convert("RGB"),
+    }
