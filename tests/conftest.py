@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Before anything imports huggingface_hub: never reach for the network, never touch ~/.cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["FASTCOMPOSER_CACHE"] = tempfile.mkdtemp(prefix="fastcomposer-test-cache-")
+_CACHE = tempfile.mkdtemp(prefix="fastcomposer-test-cache-")
+os.environ["FASTCOMPOSER_CACHE"] = _CACHE
 
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +20,10 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow or gpu")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

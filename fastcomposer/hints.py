@@ -1,0 +1,41 @@
+"""Plain-words feedback for the web page: the live prompt hint and the token meter.
+
+Pure functions of their inputs, so the page can call them on every keystroke and tests can check
+the wording without a browser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import MARKER
+from .prompt import count_markers, parse_prompt
+
+
+@dataclass(frozen=True)
+class PromptHint:
+    ok: bool  # True when the prompt and the photos can run as they are
+    text: str  # one or two short lines for under the prompt box
+
+
+def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int) -> PromptHint:
+    """"2 subjects in prompt · 2 photos ✓", or what to change, plus a 77-token meter."""
+    prompt = prompt or ""
+    markers = count_markers(prompt)
+    counts = f"{markers} subject{'s' if markers != 1 else ''} in prompt · {num_photos} photo{'s' if num_photos != 1 else ''}"
+    try:
+        parsed = parse_prompt(prompt, tokenizer, max_subjects=max_subjects)
+    except ValueError as e:
+        return PromptHint(False, f"{counts} · ✗ {e}")
+    meter = f"{min(parsed.num_tokens, parsed.max_length)}/{parsed.max_length} tokens"
+    if parsed.truncated:
+        meter += f" · ⚠ the prompt is {parsed.num_tokens} tokens; words after token {parsed.max_length} are ignored"
+    if markers == 0:
+        return PromptHint(False, f"{counts} · write `{MARKER}` after each subject word, e.g. 'a woman {MARKER} reading' · {meter}")
+    if num_photos == 0:
+        return PromptHint(False, f"{counts} · add a photo for each `{MARKER}` · {meter}")
+    if markers > num_photos:
+        return PromptHint(False, f"{counts}: add a photo or remove an `{MARKER}` · {meter}")
+    if markers < num_photos:
+        return PromptHint(False, f"{counts}: remove a photo or add `{MARKER}` after a subject word · {meter}")
+    return PromptHint(True, f"{counts} ✓ · {meter}")

@@ -1,0 +1,117 @@
+"""The command line contract (DESIGN section 5), end to end on tiny weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from fastcomposer.cli import main
+from fastcomposer.config import DEFAULT_NEGATIVE_PROMPT
+from fastcomposer.metadata import read_record
+
+from .reference import original_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ASTRONAUT = str(ROOT / "assets" / "astronaut.png")
+HOPPER = str(ROOT / "assets" / "grace_hopper.jpg")
+TINY = ["--weights", "tiny", "--device", "cpu", "--no-safety-checker", "--steps", "2", "--height", "64", "--width", "64"]
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_writes_a_png_with_the_seed_and_settings(tmp_path, capsys):
+    code, out, _ = run(["generate", "--prompt", "a woman img in space", "--image", ASTRONAUT, "--output",
+                        str(tmp_path / "out.png"), "--no-face-crop", "--alpha", "0.6", *TINY], capsys)
+    assert code == 0
+    seed = int(out.split("seed: ")[1].split()[0])
+    record = read_record(tmp_path / "out.png")
+    assert record.seed == seed and 0 <= seed < 2**31
+    assert (record.alpha, record.num_inference_steps, record.scheduler, record.width) == (0.6, 2, "pndm", 64)
+    assert record.prompt == "a woman img in space" and record.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    assert record.face_crop is False and record.model.startswith("tiny")
+    assert PIL.Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+def test_seed_reproduces_and_several_images_get_numbered(tmp_path, capsys):
+    common = ["generate", "--prompt", "a woman img and a man img", "--image", ASTRONAUT, "--image", HOPPER,
+              "--seed", "123", "--num-images", "2", "--negative-prompt", "", *TINY]
+    assert run([*common, "--output", str(tmp_path / "a.png")], capsys)[0] == 0
+    assert run([*common, "--output", str(tmp_path / "b.png")], capsys)[0] == 0
+    for k in range(2):
+        a, b = (np.array(PIL.Image.open(tmp_path / f"{x}_{k}.png")) for x in "ab")
+        assert np.array_equal(a, b)
+        record = read_record(tmp_path / f"a_{k}.png")
+        assert (record.seed, record.image_index, record.num_images, record.negative_prompt) == (123, k, 2, "")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_face_crop_is_on_by_default(tmp_path, capsys):
+    code, _, err = run(["generate", "--prompt", "a woman img", "--image", ASTRONAUT, "--output",
+                        str(tmp_path / "o.png"), *TINY], capsys)
+    assert code == 0, err
+    assert read_record(tmp_path / "o.png").face_crop is True
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        (lambda d: str(d / "missing.png"), [], "missing.png"),
+        (lambda d: (d / "notes.png").write_text("hello") and str(d / "notes.png"), [], "not a supported image"),
+        (lambda d: ASTRONAUT, ["--prompt", "a man img and a woman img"], "2 subject(s) in the prompt but 1 photo"),
+        (lambda d: ASTRONAUT, ["--prompt", "a man img img"], "img img"),
+        (lambda d: ASTRONAUT, ["--weights", "/nonexistent/model.bin"], "does not exist"),
+        (lambda d: ASTRONAUT, ["--alpha", "1.5"], "alpha"),
+        (lambda d: ASTRONAUT, ["--scheduler", "magic"], "invalid choice"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, make, extra, message):
+    image = make(tmp_path)
+    args = ["generate", "--prompt", "a woman img", "--image", image, "--output", str(tmp_path / "o.png"), *TINY, *extra]
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_reproduces_the_original_implementation(tmp_path, photos):
+    """A released-layout checkpoint + its configs through `python -m fastcomposer`, against spec code."""
+    from fastcomposer.architecture import build_modules, tiny_architecture
+    from fastcomposer.loader import load_pipeline
+    from fastcomposer.testing import released_state_dict, write_model_folders
+
+    arch = tiny_architecture()
+    torch.save(released_state_dict(build_modules(arch, empty=False, seed=2)), tmp_path / "pytorch_model.bin")
+    write_model_folders(arch, tmp_path / "base", tmp_path / "clip")
+    photo = tmp_path / "hopper.png"
+    photos["hopper"].save(photo)
+    args = ["--weights", str(tmp_path / "pytorch_model.bin"), "--base-model", str(tmp_path / "base"),
+            "--image-encoder", str(tmp_path / "clip")]
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcomposer", "generate", "--prompt", "a woman img reading", "--image", str(photo),
+         "--output", str(tmp_path / "cli.png"), "--seed", "9", "--steps", "6", "--guidance", "5", "--alpha", "0.7",
+         "--negative-prompt", "", "--scheduler", "pndm", "--no-face-crop", "--no-safety-checker", "--device", "cpu",
+         "--height", "64", "--width", "64",
+         "--dtype", "fp32", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "FASTCOMPOSER_CACHE": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed: 9" in result.stdout
+    ours = np.array(PIL.Image.open(tmp_path / "cli.png"))
+    pipe = load_pipeline(tmp_path / "pytorch_model.bin", device="cpu", dtype="fp32", safety_checker=False,
+                         base_model=tmp_path / "base", image_encoder=tmp_path / "clip", cache_converted=False)
+    ref = original_generate(pipe, "a woman img reading", [PIL.Image.open(photo)], "", 6, 5.0, 0.7, 1, 9,
+                            64, 64)[0]
+    assert ours.shape == ref.shape == (64, 64, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
