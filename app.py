@@ -40,9 +40,9 @@ except Exception:  # noqa: BLE001 - any import failure means "not on a Space"
 
 HOW_TO = """\
 # FastComposer Studio
-**1.** Upload one photo per person (photo 1 goes with the first `img`, photo 2 with the second, ...).
-**2.** Write a prompt with `img` right after each subject word: *a woman img and a man img hiking in the Alps*.
-**3.** Press **Generate**. Tuning-free: one pass per image ([FastComposer](https://arxiv.org/abs/2305.10431)).
+1. Upload one photo per person: photo 1 goes with the first `img`, photo 2 with the second, and so on.
+2. Write a prompt with `img` right after each subject word: *a woman img and a man img hiking in the Alps*.
+3. Press **Generate**. No fine-tuning: one pass per image ([FastComposer](https://arxiv.org/abs/2305.10431)).
 """
 CONSENT = ("Only use photos of people who agreed to it. Do not create images that deceive, harass or sexualise "
            "anyone. Uploaded photos are kept only for this session and deleted from the server within an hour.")
@@ -237,12 +237,14 @@ def create_demo(
                     with gr.Row():
                         sampler = gr.Dropdown(SAMPLERS, value=d.scheduler, label="Sampler")
                         steps = gr.Slider(limits.min_steps, limits.max_steps, value=d.num_inference_steps, step=1,
-                                          label="Steps")
+                                          label="Steps", elem_id="steps")
                     guidance = gr.Slider(limits.min_guidance, limits.max_guidance, value=d.guidance_scale, step=0.5,
                                          label="Guidance scale")
                     with gr.Row():
-                        width = gr.Slider(limits.min_side, limits.max_side, value=d.width, step=64, label="Width")
-                        height = gr.Slider(limits.min_side, limits.max_side, value=d.height, step=64, label="Height")
+                        width = gr.Slider(limits.min_side, limits.max_side, value=d.width, step=64, label="Width",
+                                          elem_id="width")
+                        height = gr.Slider(limits.min_side, limits.max_side, value=d.height, step=64, label="Height",
+                                           elem_id="height")
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1,
                                      maximum=limits.max_seed)
                 with gr.Row():
