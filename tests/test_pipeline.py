@@ -209,3 +209,13 @@ def test_cpu_generator_gives_the_same_image_on_cuda(face):
         images.append(pipe("a woman img", [face], num_inference_steps=4, generator=gen(5), output_type="np",
                            **SMALL).images)
     assert np.abs(images[0] - images[1]).max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_auto_dtype_on_cuda_is_fp16_and_finite(face):
+    from fastcomposer.loader import load_pipeline
+
+    pipe = load_pipeline("tiny", device="auto", dtype="auto", safety_checker=False)
+    assert pipe.device.type == "cuda" and pipe.unet.dtype == torch.float16
+    out = pipe("a woman img", [face], num_inference_steps=4, generator=gen(0), output_type="np", **SMALL)
+    assert np.isfinite(out.images).all() and out.images.shape == (1, 64, 64, 3)
