@@ -342,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def launch(demo: gr.Blocks, args: argparse.Namespace, **kwargs) -> None:
+def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTINGS, **kwargs) -> None:
+    """Queue and serve `demo` with the limits in `settings` (see README, "Limits and safety")."""
     from fastcomposer.weights import cache_dir
 
-    server = SETTINGS.server
+    server = settings.server
     demo.queue(max_size=server.queue_max_size, default_concurrency_limit=1, api_open=False)
     blocked = [str(cache_dir()), str(Path.home() / ".cache" / "huggingface"), str(ROOT / "fastcomposer"),
                str(ROOT / "app.py")]
@@ -356,7 +357,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kwargs) -> None:
         server_port=args.port,
         share=args.share,
         show_error=not args.public,  # public: only gr.Error messages reach users, never tracebacks
-        max_file_size=SETTINGS.limits.max_file_size,
+        max_file_size=settings.limits.max_file_size,
         allowed_paths=[str(ASSETS)],
         blocked_paths=blocked,
         **kwargs,
