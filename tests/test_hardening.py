@@ -316,20 +316,45 @@ def test_r24_stop_ends_a_running_generation_within_two_steps(tiny_pipe, monkeypa
         demo.close()
 
 
-def test_r24_a_queued_job_of_a_disconnected_client_never_starts(fake_app):
+def test_r24_a_cancelled_queued_job_never_starts(fake_app):
     pipe = FakePipe(step_seconds=0.3)
     demo, client = fake_app(pipe)
     running = client.submit(**request(steps=6), api_name="/generate")
     while pipe.calls < 1:
         time.sleep(0.05)
-    # A second browser joins the queue, then its tab closes: gradio drops the job of the lost session.
-    leaver = Client(demo.local_url, verbose=False)
-    queued = leaver.submit(**request(steps=1), api_name="/generate")
+    other = Client(demo.local_url, verbose=False)
+    queued = other.submit(**request(steps=1), api_name="/generate")
     time.sleep(0.5)
     queued.cancel()
-    leaver.close() if hasattr(leaver, "close") else None
     running.result(timeout=60)
     time.sleep(1.0)
+    assert pipe.calls == 1
+
+
+def test_r24_a_queued_job_of_a_disconnected_browser_never_starts(fake_app):
+    """A raw browser-like session joins the queue, opens its event stream, then goes away."""
+    pipe = FakePipe(step_seconds=0.3)
+    demo, client = fake_app(pipe)
+    url = demo.local_url
+    running = client.submit(**request(steps=8), api_name="/generate")
+    while pipe.calls < 1:
+        time.sleep(0.05)
+
+    with open(ASTRONAUT, "rb") as f:
+        uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("astronaut.png", f, "image/png")}).json()[0]
+    photo = {"path": uploaded, "orig_name": "astronaut.png", "meta": {"_type": "gradio.FileData"}}
+    data = ["a woman img reading", "", 0.75, 5.0, 1, "pndm", 1, 1, 256, 256, False, photo, None, None, None,
+            False, False, False, False]
+    fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
+    session = "leaver-session"
+    joined = httpx.post(url + "gradio_api/queue/join",
+                        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None})
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=10) as stream:
+        next(stream.iter_lines())  # the queue acknowledged the job ...
+    # ... and the tab closes here, while the job still waits behind the running one.
+    running.result(timeout=60)
+    time.sleep(1.5)
     assert pipe.calls == 1
 
 
