@@ -96,6 +96,8 @@ def create_demo(
             crop = cropper.crop(image, name=name)
         except NoFaceFoundError as e:
             raise gr.Error(f"{e} Tick 'Use whole photo' under {name} to use it uncropped.", title="No face found") from None
+        except ValueError as e:  # no detector at all (e.g. OpenCV 5 installed): the message says what to do
+            raise gr.Error(str(e), title="Face crop unavailable") from None
         note = f" ({crop.num_faces} faces: the largest is used)" if crop.num_faces > 1 else ""
         return image, crop.image, f"{name}: face found ✓{note}"
 
@@ -115,6 +117,8 @@ def create_demo(
             crop = cropper.crop(image, name=name)
         except NoFaceFoundError:
             return image, f"✗ no face found in {name}: tick 'Use whole photo' or try a clearer photo", gr.update(visible=True)
+        except ValueError as e:
+            return image, f"✗ {e}", gr.update(visible=True)
         return crop.image, f"{name}: face found ✓", gr.update(visible=False, value=False)
 
     def hint(prompt: str, *files: str | None) -> str:

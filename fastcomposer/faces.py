@@ -80,6 +80,10 @@ class NoFaceFoundError(ValueError):
         )
 
 
+class FaceDetectorUnavailableError(ValueError):
+    """No detector could be built at all; the message says how to fix it or to turn face crop off."""
+
+
 class FaceWeightsError(RuntimeError):
     """RetinaFace's weights could not be had or failed their integrity check."""
 
@@ -244,13 +248,21 @@ def _detect_retinaface(model, image: Image.Image) -> list[Box]:
 def _load_cascades() -> list[tuple[str, object]]:
     import cv2
 
+    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+        # OpenCV 5 dropped the cascade classifier and its data files: requirements.txt pins 4.x.
+        raise FaceDetectorUnavailableError(
+            f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5); install opencv-python<5, "
+            "or turn face crop off to use whole photos"
+        )
     cascades = []
     for name in HAAR_CASCADES:
         cascade = cv2.CascadeClassifier(cv2.data.haarcascades + name)
         if not cascade.empty():
             cascades.append((name, cascade))
     if not cascades:
-        raise RuntimeError("OpenCV's bundled Haar cascades are missing; reinstall opencv-python 4.x")
+        raise FaceDetectorUnavailableError(
+            "OpenCV's bundled Haar cascades are missing; reinstall opencv-python 4.x, or turn face crop off"
+        )
     return cascades
 
 

@@ -42,6 +42,20 @@ def cast(pipe: FastComposerPipeline, dtype: torch.dtype) -> FastComposerPipeline
     return pipe
 
 
+def compile_unet(pipe: FastComposerPipeline) -> FastComposerPipeline:
+    """Compile the UNet (the loop's only heavy part) for CUDA; a no-op elsewhere.
+
+    At batch 1-4 a 512 px SD1.5 step on a large GPU is bound by kernel launches, not arithmetic, so
+    CUDA graphs ("reduce-overhead") and channels-last convolutions pay off; the rest runs once per call.
+    """
+    if pipe.device.type != "cuda":
+        logger.warning("--compile only helps on CUDA; running uncompiled on %s", pipe.device.type)
+        return pipe
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    return pipe
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
     if device == "auto":
@@ -147,6 +161,7 @@ def load_pipeline(
     image_encoder: str | os.PathLike | None = None,
     allow_download: bool = True,
     cache_converted: bool = True,
+    compile: bool = False,
 ) -> FastComposerPipeline:
     """Load FastComposer, ready to call.
 
@@ -161,6 +176,8 @@ def load_pipeline(
         image_encoder: a CLIP folder whose `config.json` (a CLIPConfig) replaces the bundled vision config.
         allow_download: False never touches the network.
         cache_converted: after reading a checkpoint file, save a fast-loading copy in the cache.
+        compile: on CUDA, compile the UNet with `torch.compile` (CUDA graphs): about a minute of warm-up on
+            the first call of each image size, then faster steps. For servers, not for one-off runs.
 
     Returns:
         [`FastComposerPipeline`] on `device`, with `pipe.weights_label` naming the weights for metadata.
@@ -207,6 +224,8 @@ def load_pipeline(
     else:
         logger.warning("the safety checker is off: generated images are not filtered")
     pipe.to(torch_device)
+    if compile:
+        compile_unet(pipe)
     pipe.weights_label = label
     pipe.set_progress_bar_config(disable=True)  # callers show their own progress
     logger.info("FastComposer ready: %s on %s (%s)", label, torch_device, str(torch_dtype).removeprefix("torch."))
