@@ -79,7 +79,9 @@ def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
             f"(safe loading refused: {str(e).splitlines()[0][:200]})"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it complete?") from None
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it complete?"
+        ) from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]  # a training-checkpoint wrapper
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -116,7 +118,9 @@ def _component_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def split_released_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+def split_released_state_dict(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """Split a released-layout state dict into per-component dicts with current key names.
 
     Returns:
@@ -183,7 +187,8 @@ def load_into_modules(
             "--base-model DIR and --image-encoder DIR." if any(p.startswith("wrong shapes") for p in problems)
             else " Is it the complete released mit-han-lab/fastcomposer pytorch_model.bin?"
         )
-        raise CheckpointError(f"{source} does not match the FastComposer architecture: {'; '.join(problems[:6])}.{hint}")
+        summary = "; ".join(problems[:6])
+        raise CheckpointError(f"{source} does not match the FastComposer architecture: {summary}.{hint}")
     for name, module in modules.items():
         tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in components[name].items()}
         module.load_state_dict(tensors, strict=True, assign=True)

@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, metavar="PATH.png",
                    help="where to save; with several images PATH_0.png, PATH_1.png, ...")
     g.add_argument("--negative-prompt", default=None, help='what to avoid (default: ours; "" for none)')
-    g.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {d.num_inference_steps}; dpm {d.dpm_steps})")
-    g.add_argument("--guidance", type=float, default=d.guidance_scale, help=f"guidance scale (default {d.guidance_scale})")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {d.num_inference_steps}; dpm {d.dpm_steps})")
+    g.add_argument("--guidance", type=float, default=d.guidance_scale,
+                   help=f"guidance scale (default {d.guidance_scale})")
     g.add_argument("--alpha", type=float, default=d.alpha,
                    help=f"share of steps that see the subjects: higher = more identity (default {d.alpha})")
     g.add_argument("--seed", type=int, default=-1, help="random seed (-1: random, printed)")
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the model's, 512)")
     g.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler"], default=d.scheduler, help="sampler")
-    g.add_argument("--no-face-crop", action="store_true", help="give the encoder the whole photo (as the original demo)")
+    g.add_argument("--no-face-crop", action="store_true",
+                   help="give the encoder the whole photo (as the original demo)")
     g.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
     _model_args(g)
 
@@ -100,7 +103,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except ImageError as e:
         raise UserError(str(e)) from None
 
-    steps = args.steps or (SETTINGS.defaults.dpm_steps if args.scheduler == "dpm" else SETTINGS.defaults.num_inference_steps)
+    d = SETTINGS.defaults
+    steps = args.steps or (d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps)
     request = GenerationRequest(
         prompt=args.prompt, images=images, negative_prompt=args.negative_prompt, alpha=args.alpha,
         guidance_scale=args.guidance, num_inference_steps=steps, num_images=args.num_images,
@@ -136,7 +140,8 @@ def run_generate(args: argparse.Namespace) -> int:
         logger.info("step %d/%d", done, total)
 
     try:
-        result = generate(pipe, request, subjects=subjects, on_step=progress if args.verbose else None, limits=CLI_LIMITS)
+        on_step = progress if args.verbose else None
+        result = generate(pipe, request, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)
     except GenerationError as e:
         raise UserError(str(e)) from None
     paths = output_paths(args.output, len(result.images))
@@ -174,7 +179,8 @@ def run_convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+        level = logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s")
         return run_generate(args) if args.command == "generate" else run_convert(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

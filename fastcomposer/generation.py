@@ -81,8 +81,10 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
         if not ok:
             raise GenerationError(message)
 
-    need(isinstance(r.prompt, str) and r.prompt.strip() != "", "the prompt is empty; describe the scene, with `img` after each subject word")
-    need(len(r.prompt) <= limits.max_prompt_chars, f"the prompt is {len(r.prompt)} characters; the limit is {limits.max_prompt_chars}")
+    need(isinstance(r.prompt, str) and r.prompt.strip() != "",
+         "the prompt is empty; describe the scene, with `img` after each subject word")
+    need(len(r.prompt) <= limits.max_prompt_chars,
+         f"the prompt is {len(r.prompt)} characters; the limit is {limits.max_prompt_chars}")
     need(r.negative_prompt is None or isinstance(r.negative_prompt, str), "the negative prompt must be text")
     need(r.negative_prompt is None or len(r.negative_prompt) <= limits.max_prompt_chars,
          f"the negative prompt is too long; the limit is {limits.max_prompt_chars} characters")
@@ -98,11 +100,13 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(r.scheduler in SCHEDULERS, f"unknown sampler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     for side_name, side in (("height", r.height), ("width", r.width)):
         need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
-             f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to {limits.max_side}, got {side}")
+             f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to "
+             f"{limits.max_side}, got {side}")
     units = r.num_images * r.num_inference_steps * (r.height * r.width) / (512 * 512)
     need(units <= limits.max_compute_units,
-         f"this request is too large ({r.num_images} images x {r.num_inference_steps} steps at {r.width}x{r.height}); "
-         f"use fewer images, fewer steps or a smaller size (limit: {limits.max_compute_units:g} image-steps at 512x512)")
+         f"this request is too large ({r.num_images} images x {r.num_inference_steps} steps at "
+         f"{r.width}x{r.height}); use fewer images, fewer steps or a smaller size (limit: "
+         f"{limits.max_compute_units:g} image-steps at 512x512)")
 
     try:
         parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
@@ -110,9 +114,13 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
         raise GenerationError(str(e)) from None
     n_images = len(r.images)
     need(n_images >= 1, "add at least one subject photo")
-    need(n_images <= limits.max_subjects, f"{n_images} photos were given; at most {limits.max_subjects} subjects are supported")
+    need(n_images <= limits.max_subjects,
+         f"{n_images} photos were given; at most {limits.max_subjects} subjects are supported")
     if parsed.num_subjects != n_images:
-        fix = "add a photo or remove an `img`" if parsed.num_subjects > n_images else "remove a photo or add `img` after a subject word"
+        if parsed.num_subjects > n_images:
+            fix = "add a photo or remove an `img`"
+        else:
+            fix = "remove a photo or add `img` after a subject word"
         raise GenerationError(
             f"{parsed.num_subjects} subject(s) in the prompt but {n_images} photo(s): {fix} "
             "(write `img` after each subject word, one per photo, in photo order)"

@@ -22,7 +22,8 @@ def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int) -> P
     """"2 subjects in prompt · 2 photos ✓", or what to change, plus a 77-token meter."""
     prompt = prompt or ""
     markers = count_markers(prompt)
-    counts = f"{markers} subject{'s' if markers != 1 else ''} in prompt · {num_photos} photo{'s' if num_photos != 1 else ''}"
+    plural = lambda n: "s" if n != 1 else ""  # noqa: E731
+    counts = f"{markers} subject{plural(markers)} in prompt · {num_photos} photo{plural(num_photos)}"
     try:
         parsed = parse_prompt(prompt, tokenizer, max_subjects=max_subjects)
     except ValueError as e:
@@ -31,7 +32,8 @@ def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int) -> P
     if parsed.truncated:
         meter += f" · ⚠ the prompt is {parsed.num_tokens} tokens; words after token {parsed.max_length} are ignored"
     if markers == 0:
-        return PromptHint(False, f"{counts} · write `{MARKER}` after each subject word, e.g. 'a woman {MARKER} reading' · {meter}")
+        example = f"'a woman {MARKER} reading'"
+        return PromptHint(False, f"{counts} · write `{MARKER}` after each subject word, e.g. {example} · {meter}")
     if num_photos == 0:
         return PromptHint(False, f"{counts} · add a photo for each `{MARKER}` · {meter}")
     if markers > num_photos:

@@ -5,6 +5,8 @@ transparent PNGs and rotated phone photos. Pillow handles each, but not by defau
 its bomb guard only starts at 89 megapixels, RGBA->RGB drops alpha onto whatever colour hides under it,
 16-bit->RGB clips, and EXIF rotation is not applied. Here each case becomes either a clean 8-bit RGB
 image or an `ImageError` whose message names the photo, the problem and the fix (never a path).
+
+Example: `load_image("face.jpg", name="photo 1")` gives 8-bit RGB, upright, first frame only, no metadata.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -22,22 +25,55 @@ from .config import SETTINGS, Limits
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Pillow's plugins parse untrusted bytes; malformed headers have surfaced as all of these over the years.
+# Each means "this file is unusable", never a bug of ours, so each becomes a message instead of a traceback.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
 
 
 class ImageError(ValueError):
-    """A photo that cannot be used; the message is safe to show to users."""
+    """A photo that cannot be used; the message is safe to show to users (it never holds a path)."""
+
+
+def _formats_phrase(limits: Limits) -> str:
+    *rest, last = limits.allowed_formats
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def _unsupported(name: str, limits: Limits) -> ImageError:
-    formats = ", ".join(f for f in limits.allowed_formats if f != "GIF")
     return ImageError(
-        f"{name} is not a supported image ({formats} or GIF); export it as PNG or JPEG and upload it again"
+        f"{name} is not a supported image ({_formats_phrase(limits)}); export it as PNG or JPEG and upload it again"
     )
 
 
-def _check_size(image: Image.Image, name: str, limits: Limits) -> None:
-    """Refuse by the header's size, before any pixel is decoded."""
-    w, h = image.size
+def _explain(error: Exception, name: str, limits: Limits) -> ImageError | None:
+    """The user-facing message for an exception raised while opening or decoding; None if it is not one."""
+    megapixels = f"{limits.max_upload_pixels / 1e6:.1f} megapixels"
+    if isinstance(error, ImageError):
+        return error
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(
+            f"{name} declares an enormous size (a 'decompression bomb'); the limit is {megapixels}. "
+            "Resize it (a 1024 px portrait is plenty) and upload it again"
+        )
+    if isinstance(error, FileNotFoundError):
+        return ImageError(f"{name} could not be found; upload it again")
+    if isinstance(error, UnidentifiedImageError):  # before OSError: it is a subclass
+        return _unsupported(name, limits)
+    if isinstance(error, EOFError) or (isinstance(error, OSError) and "truncated" in str(error)):
+        return ImageError(
+            f"{name} is damaged or truncated (only part of the file arrived); upload it again or export a new copy"
+        )
+    if isinstance(error, _DECODE_ERRORS):
+        return ImageError(
+            f"{name} is damaged or not a supported image ({_formats_phrase(limits)}); "
+            "export it as PNG or JPEG and upload it again"
+        )
+    return None
+
+
+def _check_size(size: tuple[int, int], name: str, limits: Limits) -> None:
+    """Refuse by the declared size, so a bomb is turned away before any pixel is decoded."""
+    w, h = size
     if w * h > limits.max_upload_pixels:
         raise ImageError(
             f"{name} is {w}x{h} pixels; the limit is {limits.max_upload_pixels / 1e6:.1f} megapixels. "
@@ -54,25 +90,57 @@ def _check_size(image: Image.Image, name: str, limits: Limits) -> None:
         )
 
 
+def _decode_first_frame(image: Image.Image) -> None:
+    """Decode frame 0 in place. `tell()` rather than `n_frames`: counting a GIF's frames walks the whole file."""
+    if image.tell() != 0:
+        image.seek(0)
+    image.load()
+
+
+def _open(source: str | os.PathLike | bytes, name: str, limits: Limits) -> Image.Image:
+    """Open with only the allowed decoders, check the header's size, then decode frame 0."""
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    image = None
+    try:
+        # Pillow warns (not raises) between 89 and 179 MP; escalate locally, never via MAX_IMAGE_PIXELS.
+        # (catch_warnings is process-wide, not per thread; `_check_size` below refuses such sizes anyway.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp, formats=list(limits.allowed_formats))
+            _check_size(image.size, name, limits)  # header only: nothing decoded yet
+            _decode_first_frame(image)
+        return image
+    except Exception as e:
+        if image is not None:
+            image.close()
+        error = _explain(e, name, limits)
+        if error is None:
+            raise  # not a property of the file (e.g. a wrong argument type): a bug to see in full
+        logger.debug("refused an upload: %s", type(e).__name__)
+        raise error from None  # no chained traceback: Pillow's messages can carry the path
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB, compositing transparency and scaling high bit depths."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        # 16-bit values span 0..65535: scale to 8 bits instead of letting convert() clip at 255.
-        array = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "La", "PA", "RGBa") or (image.mode == "L" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    if image.mode == "RGB" and "transparency" in image.info:
+    """Any Pillow mode -> a new 8-bit RGB image, compositing transparency and scaling high bit depths."""
+    transparency = image.info.get("transparency")
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit values span 0..65535: scale to 8 bits instead of letting convert() clip everything above 255.
+        scaled = values if image.mode == "F" else values / 257.0
+        grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+        if isinstance(transparency, int) and image.mode != "F":  # 16-bit tRNS: one grey value is see-through
+            grey.putalpha(Image.fromarray(np.where(values == transparency, 0, 255).astype(np.uint8)))
+        image = grey
+    elif transparency is not None and image.mode in ("1", "L", "P", "RGB"):
+        image = image.convert("RGBA")  # convert() honours the tRNS colour / palette alpha on the way
+    if image.mode in ("LA", "La", "PA", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
+        # Stored colours under transparent pixels are arbitrary (often black): composite on a fixed colour.
         canvas = Image.new("RGB", image.size, background)
-        canvas.paste(image, mask=image.getchannel("A"))  # alpha-composite onto a fixed colour
+        canvas.paste(image, mask=image.getchannel("A"))
         return canvas
-    return image.convert("RGB")
+    return image.convert("RGB")  # always a new image, even from RGB
 
 
 def load_image(
@@ -81,59 +149,52 @@ def load_image(
     name: str = "the image",
     limits: Limits = SETTINGS.limits,
 ) -> Image.Image:
-    """Decode one photo safely into a detached 8-bit RGB image.
+    """
+    Decode one photo safely into a detached 8-bit RGB image.
 
     Args:
-        source: a path, the file's bytes, or an already opened PIL image.
-        name: how messages refer to the photo, e.g. "photo 2" (never a path: messages reach users).
-        limits: pixel cap, minimum side, maximum aspect ratio, allowed formats, transparency background.
+        source (`str`, `os.PathLike`, `bytes` or `PIL.Image.Image`):
+            A path, the file's bytes, or an already opened PIL image (checked the same way, not re-decoded).
+        name (`str`, *optional*, defaults to `"the image"`):
+            How messages refer to the photo, e.g. `"photo 2"`. Never a path: messages reach web users.
+        limits (`Limits`, *optional*, defaults to `SETTINGS.limits`):
+            Pixel cap, minimum side, maximum aspect ratio, allowed formats and the transparency background.
 
     Returns:
-        `PIL.Image.Image` in mode RGB, EXIF orientation applied, first frame only.
+        `PIL.Image.Image`: mode RGB, EXIF orientation applied, first frame only, no metadata, no open file.
 
     Raises:
-        `ImageError` with a plain-words message.
+        `ImageError`: for any unusable photo, with a plain-words message that names the problem and the fix.
     """
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # a truncated file must fail, not decode half-grey
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A global flag someone else flipped: half a photo would decode as grey and reach the model unnoticed.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False; truncated uploads would pass")
 
-    if isinstance(source, Image.Image):
-        image = source
-        _check_size(image, name, limits)
+    opened = not isinstance(source, Image.Image)
+    if opened:
+        image = _open(source, name, limits)
     else:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(fp, formats=list(limits.allowed_formats))
-                _check_size(image, name, limits)  # header only: nothing decoded yet
-                if getattr(image, "n_frames", 1) > 1:
-                    image.seek(0)  # animations: the first frame is the photo
-                image.load()
-        except ImageError:
-            raise
-        except FileNotFoundError:
-            raise ImageError(f"{name} could not be found; upload it again") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(
-                f"{name} declares an enormous size (a 'decompression bomb'); the limit is "
-                f"{limits.max_upload_pixels / 1e6:.1f} megapixels"
-            ) from None
-        except UnidentifiedImageError:
-            raise _unsupported(name, limits) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            if "truncated" in str(e) or isinstance(e, EOFError):
-                raise ImageError(f"{name} is damaged or truncated (only part of the file arrived); "
-                                 "upload it again or export a new copy") from None
-            raise ImageError(f"{name} could not be decoded (damaged or not a supported image); "
-                             "export it as PNG or JPEG and upload it again") from None
+        image = source
+        _check_size(image.size, name, limits)
+        try:  # a lazily opened image may still hold undecoded (and damaged) data
+            _decode_first_frame(image)
+        except _DECODE_ERRORS as e:
+            raise _explain(e, name, limits) from None
 
+    mode = image.mode
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        image = ImageOps.exif_transpose(image) or image  # phone photos store rotation in EXIF
-        rgb = _to_rgb(image, limits.upload_background)
-    except (OSError, ValueError, SyntaxError) as e:
-        logger.info("could not convert an upload (%s)", type(e).__name__)
-        raise ImageError(f"{name} could not be decoded; export it as PNG or JPEG and upload it again") from None
-    _check_size(rgb, name, limits)  # EXIF rotation swaps sides; the aspect check still holds
-    return rgb.copy()  # detached from the file: the upload can be deleted
+        try:
+            upright = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+        except _DECODE_ERRORS as e:  # a broken EXIF block should not cost the user a good photo
+            logger.debug("ignored unreadable EXIF: %s", type(e).__name__)
+            upright = image
+        rgb = _to_rgb(upright, limits.upload_background)
+    except _DECODE_ERRORS as e:  # e.g. a PIL input in LAB or HSV, which convert() cannot turn into RGB
+        logger.debug("could not convert mode %s: %s", mode, type(e).__name__)
+        raise ImageError(f"{name} uses a colour format that cannot be read; export it as PNG or JPEG") from None
+    finally:
+        if opened:
+            image.close()  # the upload's file handle, so it can be deleted
+    rgb.info.clear()  # EXIF can hold GPS position and owner names; nothing downstream needs metadata
+    logger.debug("loaded %s: %dx%d from mode %s", name, *rgb.size, mode)
+    return rgb

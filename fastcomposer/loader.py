@@ -105,8 +105,16 @@ def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
         ) from e
 
 
-def _local_cache_dir(path: Path, arch: Architecture) -> Path:
-    """Converted-copy folder for a local checkpoint file, keyed by its identity and the architecture."""
+def _converted_copy(resolved: ResolvedWeights, arch: Architecture) -> Path | None:
+    """Where the converted copy of a checkpoint file lives (None for tiny and converted weights).
+
+    Hub files by revision; local files by their path, size, mtime and the architecture they were read with.
+    """
+    if resolved.kind != "checkpoint":
+        return None
+    if resolved.origin == "hub":
+        return converted_dir(resolved.revision)
+    path = resolved.path
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch.name}|{sorted(arch.image_encoder.items())}"
     return cache_dir() / "converted" / f"local-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
@@ -191,8 +199,8 @@ def load_pipeline(
     arch = with_overrides(
         tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
     )
+    cached = _converted_copy(resolved, arch)
     if resolved.kind == "checkpoint" and cache_converted:
-        cached = converted_dir(resolved.revision) if resolved.origin == "hub" else _local_cache_dir(resolved.path, arch)
         if is_converted_folder(cached):
             resolved = ResolvedWeights("converted", cached, "cache", resolved.revision)
 
@@ -204,8 +212,7 @@ def load_pipeline(
         modules = load_modules_from_checkpoint(resolved.path, arch, None if keep_file_dtypes else torch_dtype)
         pipe = assemble(modules, arch, scheduler)
         if cache_converted:
-            folder = converted_dir(resolved.revision) if resolved.origin == "hub" else _local_cache_dir(resolved.path, arch)
-            save_converted(pipe, folder, resolved)
+            save_converted(pipe, cached, resolved)
         cast(pipe, torch_dtype)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
     else:

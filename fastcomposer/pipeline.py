@@ -146,7 +146,9 @@ class FastComposerPipeline(StableDiffusionPipeline):
             raise ValueError(f"`num_images_per_prompt` must be a positive integer but is {num_images_per_prompt!r}")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}"
+            )
 
     def encode_text(self, text: str, device: torch.device) -> torch.Tensor:
         """(1, L, D) CLIP text embeddings, padded to and cut at the context length (end token kept).

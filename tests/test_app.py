@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import PIL.Image
 import pytest
@@ -14,19 +12,7 @@ import app as app_module
 from fastcomposer.faces import FaceCropper
 from fastcomposer.metadata import read_record
 
-ROOT = Path(__file__).resolve().parents[1]
-ASTRONAUT = str(ROOT / "assets" / "astronaut.png")
-HOPPER = str(ROOT / "assets" / "grace_hopper.jpg")
-
-
-class Args:
-    """What `python app.py` would parse, for `app.launch`."""
-
-    weights = "tiny"
-    host = "127.0.0.1"
-    port = None
-    share = False
-    public = True  # public-server settings: internal errors hidden
+from .app_helpers import ASTRONAUT, HOPPER, ROOT, Args, image_path, request
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +29,11 @@ def client(server):
     return Client(server[1], verbose=False)
 
 
-def request(**overrides):
-    args = dict(prompt="a woman img reading", negative="", alpha=0.75, guidance=5.0, steps=2, sampler="pndm",
-                seed=-1, num_images=1, width=256, height=256, face_crop=True, photo_1=handle_file(ASTRONAUT),
-                photo_2=None, photo_3=None, photo_4=None, whole_1=False, whole_2=False, whole_3=False,
-                whole_4=False)
-    args.update(overrides)
-    return args
-
-
 def test_one_subject_two_images_with_seed_in_png_metadata(client):
     gallery, seed, status = client.predict(**request(num_images=2, seed=1234), api_name="/generate")
     assert len(gallery) == 2 and seed == 1234 and "seed 1234" in status
     for k, item in enumerate(gallery):
-        path = item["image"] if isinstance(item["image"], str) else item["image"]["path"]
+        path = image_path(item)
         assert path.endswith(".png")
         image = PIL.Image.open(path)
         assert image.size == (256, 256)
@@ -78,8 +55,7 @@ def test_random_seed_is_reported_and_reusable(client):
     gallery_b, seed_b, _ = client.predict(**request(seed=seed_a), api_name="/generate")
     gallery_c, _, _ = client.predict(**request(seed=seed_a), api_name="/generate")
     assert seed_b == seed_a
-    a = PIL.Image.open(gallery_b[0]["image"] if isinstance(gallery_b[0]["image"], str) else gallery_b[0]["image"]["path"])
-    c = PIL.Image.open(gallery_c[0]["image"] if isinstance(gallery_c[0]["image"], str) else gallery_c[0]["image"]["path"])
+    a, c = PIL.Image.open(image_path(gallery_b[0])), PIL.Image.open(image_path(gallery_c[0]))
     assert list(a.getdata()) == list(c.getdata())
 
 
@@ -109,7 +85,7 @@ def test_hint_endpoint(client):
 
 def test_restore_settings_from_a_generated_png(client):
     gallery, seed, _ = client.predict(**request(seed=77, alpha=0.6), api_name="/generate")
-    path = gallery[0]["image"] if isinstance(gallery[0]["image"], str) else gallery[0]["image"]["path"]
+    path = image_path(gallery[0])
     restored = client.predict(handle_file(path), api_name="/restore_settings")
     assert restored[0] == "a woman img reading" and restored[2] == 0.6 and restored[6] == 77
 

@@ -20,7 +20,8 @@ from .reference import original_generate
 ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT = str(ROOT / "assets" / "astronaut.png")
 HOPPER = str(ROOT / "assets" / "grace_hopper.jpg")
-TINY = ["--weights", "tiny", "--device", "cpu", "--no-safety-checker", "--steps", "2", "--height", "64", "--width", "64"]
+TINY = ["--weights", "tiny", "--device", "cpu", "--no-safety-checker", "--steps", "2", "--height", "64",
+        "--width", "64"]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -76,7 +77,8 @@ def test_face_crop_is_on_by_default(tmp_path, capsys):
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, make, extra, message):
     image = make(tmp_path)
-    args = ["generate", "--prompt", "a woman img", "--image", image, "--output", str(tmp_path / "o.png"), *TINY, *extra]
+    output = str(tmp_path / "o.png")
+    args = ["generate", "--prompt", "a woman img", "--image", image, "--output", output, *TINY, *extra]
     code, out, err = run(args, capsys)
     assert code == 2
     assert message in err

@@ -104,7 +104,7 @@ def test_blank_image_raises_with_the_photo_name(fallback):
 def test_big_photo_is_detected_on_a_smaller_copy_and_mapped_back(fallback):
     small = fallback.crop(load("astronaut.png")).face_box
     big = fallback.crop(load("astronaut.png").resize((2048, 2048))).face_box  # 4x, above OPENCV_MAX_SIDE
-    assert all(abs(b - 4 * s) <= 24 for b, s in zip(big, small))
+    assert all(abs(b - 4 * s) <= 24 for b, s in zip(big, small, strict=True))
 
 
 def test_crop_subject_uses_the_given_or_default_cropper(monkeypatch, fallback):

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 
 import app as app_module
 from fastcomposer.config import SETTINGS, Settings
@@ -32,16 +32,7 @@ from fastcomposer.faces import FaceCropper
 from fastcomposer.pipeline import FastComposerPipelineOutput
 from fastcomposer.prompt import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-ASTRONAUT = str(ROOT / "assets" / "astronaut.png")
-
-
-class Args:
-    weights = "tiny"
-    host = "127.0.0.1"
-    port = None
-    share = False
-    public = True
+from .app_helpers import ASTRONAUT, ROOT, Args, image_path, request
 
 
 class FakePipe:
@@ -92,15 +83,6 @@ def serve(pipe, settings: Settings = SETTINGS, args=Args):
     demo = app_module.create_demo(lambda: pipe, settings=settings, cropper=FaceCropper(allow_download=False))
     app_module.launch(demo, args, settings=settings, prevent_thread_lock=True, quiet=True)
     return demo
-
-
-def request(**overrides):
-    args = dict(prompt="a woman img reading", negative="", alpha=0.75, guidance=5.0, steps=2, sampler="pndm",
-                seed=1, num_images=1, width=256, height=256, face_crop=False, photo_1=handle_file(ASTRONAUT),
-                photo_2=None, photo_3=None, photo_4=None, whole_1=False, whole_2=False, whole_3=False,
-                whole_4=False)
-    args.update(overrides)
-    return args
 
 
 @pytest.fixture
@@ -154,7 +136,8 @@ def test_r3_uploads_over_10_mb_get_413(tiny_app, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"hello, not an image", "not a supported image"), (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a supported image")],
+    [(b"hello, not an image", "not a supported image"),
+     (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a supported image")],
 )
 def test_r4_non_images_are_refused_through_the_app(tiny_app, tmp_path, content, message):
     _, client = tiny_app
@@ -366,7 +349,7 @@ def test_r19_prompts_are_never_logged(fake_app, caplog):
     secret = "a woman img holding a sign that says zebra-quartz-1234"
     with caplog.at_level(logging.DEBUG):
         client.predict(**request(prompt=secret), api_name="/generate")
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError):  # a refused request must not log the prompt either
             client.predict(**request(prompt=secret + " and a man img"), api_name="/generate")
     assert caplog.records  # logging was captured at all
     assert not any("zebra-quartz" in r.getMessage() for r in caplog.records)
@@ -431,10 +414,10 @@ def test_r26_a_flagged_image_becomes_a_placeholder_and_the_user_is_told(tiny_pip
     finally:
         tiny_pipe.register_modules(safety_checker=None)
     assert "1 of 3 images hidden" in status
-    path = lambda item: item["image"] if isinstance(item["image"], str) else item["image"]["path"]  # noqa: E731
-    hidden, original = np.array(PIL.Image.open(path(gallery[1]))), np.array(PIL.Image.open(path(clean[1])))
+    hidden, original = np.array(PIL.Image.open(image_path(gallery[1]))), np.array(PIL.Image.open(image_path(clean[1])))
     assert (hidden == 128).all() and not np.array_equal(hidden, original)
-    np.testing.assert_array_equal(np.array(PIL.Image.open(path(gallery[0]))), np.array(PIL.Image.open(path(clean[0]))))
+    np.testing.assert_array_equal(np.array(PIL.Image.open(image_path(gallery[0]))),
+                                  np.array(PIL.Image.open(image_path(clean[0]))))
 
 
 # -- load ----------------------------------------------------------------------------------------------

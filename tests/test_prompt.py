@@ -8,7 +8,6 @@ from fastcomposer.prompt import count_markers, parse_prompt, strip_markers
 
 from .reference import original_tokenize_and_mask
 
-
 ORDINARY = [
     "a man img and a woman img hiking in the mountains",
     "A painting of a man img in the style of Van Gogh",
