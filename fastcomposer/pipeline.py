@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,8 @@ from .prompt import ParsedPrompt, parse_prompt
 from .schedulers import make_scheduler, scheduler_name
 
 logger = logging.get_logger(__name__)
+
+SUBJECT_CACHE_SIZE = 8  # photo sets whose CLIP embeddings are kept (a few KB each)
 
 
 @dataclass
@@ -104,6 +108,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
         self.register_modules(postfuse_module=postfuse_module)
         self.register_to_config(object_resolution=object_resolution)
         self.subject_processor = SubjectImageProcessor(object_resolution)
+        self._subject_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see encode_subject_images
         # The sampler config every `use_scheduler` call starts from (SD1.5's PNDM config by default).
         self._base_scheduler_config = dict(scheduler.config) if scheduler is not None else {}
 
@@ -162,9 +167,22 @@ class FastComposerPipeline(StableDiffusionPipeline):
         return self.text_encoder(ids.to(device))[0]
 
     def encode_subject_images(self, images: Sequence[PIL.Image.Image], device: torch.device) -> torch.Tensor:
-        """(1, k, 1, D) CLIP embeddings of the subject photos (pad to square, 256, then 224 in the encoder)."""
+        """(1, k, 1, D) CLIP embeddings of the subject photos (pad to square, 256, then 224 in the encoder).
+
+        Cached for the last few photo sets: people re-run new prompts with the same photos, and the
+        ViT-L/14 pass costs about a second per photo on a CPU.
+        """
+        key = (id(self.image_encoder), str(device), self.image_encoder.dtype, self.subject_processor.resolution,
+               tuple((im.size, im.mode, hashlib.sha1(im.tobytes()).hexdigest()) for im in images))
+        if key in self._subject_cache:
+            self._subject_cache.move_to_end(key)
+            return self._subject_cache[key]
         pixels = self.subject_processor(images).to(device=device, dtype=self.image_encoder.dtype)
-        return encode_subjects(self.image_encoder, pixels)
+        embeds = encode_subjects(self.image_encoder, pixels)
+        self._subject_cache[key] = embeds
+        while len(self._subject_cache) > SUBJECT_CACHE_SIZE:
+            self._subject_cache.popitem(last=False)
+        return embeds
 
     def encode_augmented_prompt(
         self, parsed: ParsedPrompt, object_embeds: torch.Tensor, device: torch.device

@@ -218,3 +218,19 @@ def test_auto_dtype_on_cuda_is_fp16_and_finite(face):
     assert pipe.device.type == "cuda" and pipe.unet.dtype == torch.float16
     out = pipe("a woman img", [face], num_inference_steps=4, generator=gen(0), output_type="np", **SMALL)
     assert np.isfinite(out.images).all() and out.images.shape == (1, 64, 64, 3)
+
+
+def test_subject_embeddings_are_cached_for_the_same_photos(tiny_pipe, photos, monkeypatch):
+    calls = []
+    forward = tiny_pipe.image_encoder.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.image_encoder, "forward", counting)
+    tiny_pipe._subject_cache.clear()
+    a = tiny_pipe.encode_subject_images([photos["astronaut"]], torch.device("cpu"))
+    b = tiny_pipe.encode_subject_images([photos["astronaut"].copy()], torch.device("cpu"))  # same pixels
+    c = tiny_pipe.encode_subject_images([photos["hopper"]], torch.device("cpu"))
+    assert len(calls) == 2 and torch.equal(a, b) and not torch.equal(a, c)
