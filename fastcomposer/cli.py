@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", help="folder to write (diffusers layout, safetensors)")
     c.add_argument("--base-model", default=None, metavar="DIR", help="configs of another base model")
     c.add_argument("--image-encoder", default=None, metavar="DIR", help="config of another CLIP image encoder")
+    c.add_argument("--dtype", choices=["same", "fp32", "fp16", "bf16"], default="same",
+                   help="store weights as: 'same' keeps the file's bf16/fp32 mix (smallest, lossless); the dtype "
+                   "you will run in loads fastest and without a second copy in memory")
     c.add_argument("-v", "--verbose", action="store_true", help="more log output")
     return parser
 
@@ -166,7 +169,10 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         arch = with_overrides(bundled_architecture(), args.base_model, args.image_encoder)
         modules = build_modules(arch, empty=True)
-        load_into_modules(modules, read_state_dict(source), dtype=None, source=f"checkpoint {source.name}")
+        from .loader import DTYPES
+
+        dtype = None if args.dtype == "same" else DTYPES[args.dtype]
+        load_into_modules(modules, read_state_dict(source), dtype=dtype, source=f"checkpoint {source.name}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     pipe = assemble(modules, arch)

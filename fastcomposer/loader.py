@@ -105,19 +105,19 @@ def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
         ) from e
 
 
-def _converted_copy(resolved: ResolvedWeights, arch: Architecture) -> Path | None:
-    """Where the converted copy of a checkpoint file lives (None for tiny and converted weights).
+def _converted_copy(resolved: ResolvedWeights, arch: Architecture, dtype: str) -> Path | None:
+    """Where the converted copy (in `dtype`) of a checkpoint file lives; None for tiny and converted weights.
 
     Hub files by revision; local files by their path, size, mtime and the architecture they were read with.
     """
     if resolved.kind != "checkpoint":
         return None
     if resolved.origin == "hub":
-        return converted_dir(resolved.revision)
+        return converted_dir(resolved.revision, dtype)
     path = resolved.path
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch.name}|{sorted(arch.image_encoder.items())}"
-    return cache_dir() / "converted" / f"local-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return cache_dir() / "converted" / f"local-{hashlib.sha1(key.encode()).hexdigest()[:16]}-{dtype}"
 
 
 def assemble(
@@ -195,11 +195,12 @@ def load_pipeline(
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    resolved = resolve_weights(weights, allow_download=allow_download)
+    dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
+    resolved = resolve_weights(weights, allow_download=allow_download, dtype=dtype_name)
     arch = with_overrides(
         tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
     )
-    cached = _converted_copy(resolved, arch)
+    cached = _converted_copy(resolved, arch, dtype_name)
     if resolved.kind == "checkpoint" and cache_converted:
         if is_converted_folder(cached):
             resolved = ResolvedWeights("converted", cached, "cache", resolved.revision)
@@ -208,12 +209,9 @@ def load_pipeline(
         pipe = cast(assemble(build_modules(arch, empty=False), arch, scheduler), torch_dtype)
         label = "tiny (random weights)"
     elif resolved.kind == "checkpoint":
-        keep_file_dtypes = cache_converted  # save the copy losslessly, then cast
-        modules = load_modules_from_checkpoint(resolved.path, arch, None if keep_file_dtypes else torch_dtype)
-        pipe = assemble(modules, arch, scheduler)
-        if cache_converted:
+        pipe = assemble(load_modules_from_checkpoint(resolved.path, arch, torch_dtype), arch, scheduler)
+        if cache_converted:  # in the dtype it runs in, so the next start maps it without converting
             save_converted(pipe, cached, resolved)
-        cast(pipe, torch_dtype)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
     else:
         pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=torch_dtype, safety_checker=None,

@@ -49,10 +49,14 @@ def checkpoint_sha256() -> str | None:
     return os.environ.get("FASTCOMPOSER_SHA256") or None
 
 
-def converted_dir(revision: str, root: Path | None = None) -> Path:
-    """Where the converted copy of the Hub checkpoint at `revision` lives."""
+def converted_dir(revision: str, dtype: str = "fp32", root: Path | None = None) -> Path:
+    """Where the converted copy of the Hub checkpoint at `revision`, stored in `dtype`, lives.
+
+    One copy per dtype: a copy already in the dtype the model runs in is memory-mapped as it is, with no
+    conversion and so no second copy of any weight in memory.
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in revision)
-    return (root or cache_dir()) / "converted" / f"{config.CHECKPOINT_REPO.replace('/', '--')}--{safe}"
+    return (root or cache_dir()) / "converted" / f"{config.CHECKPOINT_REPO.replace('/', '--')}--{safe}-{dtype}"
 
 
 def is_converted_folder(path: Path) -> bool:
@@ -81,13 +85,16 @@ def download_checkpoint(revision: str) -> Path:
         ) from e
 
 
-def resolve_weights(weights: str | os.PathLike | None = None, allow_download: bool = True) -> ResolvedWeights:
+def resolve_weights(
+    weights: str | os.PathLike | None = None, allow_download: bool = True, dtype: str = "fp32"
+) -> ResolvedWeights:
     """Decide which weights to load.
 
     Args:
         weights: "tiny", a checkpoint file (released layout, `.bin` or `.safetensors`), a converted folder,
             or None for: $FASTCOMPOSER_WEIGHTS, then the converted cache, then the Hub.
         allow_download: when False, never touch the network.
+        dtype: the dtype the model will run in ("fp32", "fp16", "bf16"): picks the matching cached copy.
     """
     weights = weights if weights is not None else os.environ.get("FASTCOMPOSER_WEIGHTS") or None
     if weights is not None and str(weights) == "tiny":
@@ -110,7 +117,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, allow_download: bo
         raise WeightsUnavailableError(f"--weights {path} does not exist")
 
     revision = checkpoint_revision()
-    cached = converted_dir(revision)
+    cached = converted_dir(revision, dtype)
     if is_converted_folder(cached):
         return ResolvedWeights("converted", cached, "cache", revision)
     if not allow_download:
