@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", help="folder to write (diffusers layout, safetensors)")
     c.add_argument("--base-model", default=None, metavar="DIR", help="configs of another base model")
     c.add_argument("--image-encoder", default=None, metavar="DIR", help="config of another CLIP image encoder")
-    c.add_argument("--dtype", choices=["same", "fp32", "fp16", "bf16"], default="same",
-                   help="store weights as: 'same' keeps the file's bf16/fp32 mix (smallest, lossless); the dtype "
-                   "you will run in loads fastest and without a second copy in memory")
+    c.add_argument("--dtype", choices=["same", "fp32", "fp16", "bf16"], default="fp32",
+                   help="store weights as (default fp32: lossless, and loads as-is on a CPU; fp16 for GPUs); "
+                   "'same' keeps the file's bf16/fp32 mix, which must then be loaded with an explicit dtype")
     c.add_argument("-v", "--verbose", action="store_true", help="more log output")
     return parser
 
@@ -107,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
     d = SETTINGS.defaults
-    steps = args.steps or (d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps)
+    steps = args.steps if args.steps is not None else (d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps)
     request = GenerationRequest(
         prompt=args.prompt, images=images, negative_prompt=args.negative_prompt, alpha=args.alpha,
         guidance_scale=args.guidance, num_inference_steps=steps, num_images=args.num_images,
@@ -132,8 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
             args.weights, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
             safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
         )
-    except (WeightsUnavailableError, CheckpointError, FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
+    except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if args.height is None or args.width is None:  # the model's own default size, as the original
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         request = replace(request, height=args.height or size, width=args.width or size)

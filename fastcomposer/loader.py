@@ -123,15 +123,21 @@ def _converted_copy(resolved: ResolvedWeights, arch: Architecture, dtype: str) -
 def assemble(
     modules: dict[str, torch.nn.Module], arch: Architecture, scheduler: str = "pndm"
 ) -> FastComposerPipeline:
-    """A pipeline from built modules plus the architecture's tokenizer and sampler (no safety checker)."""
-    return FastComposerPipeline(
+    """A pipeline from built modules plus the architecture's tokenizer and sampler (no safety checker).
+
+    It is always built with the base model's own PNDM config, which every later `use_scheduler` starts
+    from, and then switched to `scheduler`.
+    """
+    pipe = FastComposerPipeline(
         **modules,
         tokenizer=load_tokenizer(arch.tokenizer_dir),
-        scheduler=make_scheduler(scheduler, arch.scheduler),
+        scheduler=make_scheduler("pndm", arch.scheduler),
         feature_extractor=CLIPImageProcessor(**arch.feature_extractor),
         safety_checker=None,
         requires_safety_checker=False,
     )
+    pipe.use_scheduler(scheduler)
+    return pipe
 
 
 def save_converted(pipe: FastComposerPipeline, folder: Path, resolved: ResolvedWeights) -> None:
@@ -209,17 +215,18 @@ def load_pipeline(
         pipe = cast(assemble(build_modules(arch, empty=False), arch, scheduler), torch_dtype)
         label = "tiny (random weights)"
     elif resolved.kind == "checkpoint":
-        pipe = assemble(load_modules_from_checkpoint(resolved.path, arch, torch_dtype), arch, scheduler)
+        pipe = assemble(load_modules_from_checkpoint(resolved.path, arch, torch_dtype), arch)
         if cache_converted:  # in the dtype it runs in, so the next start maps it without converting
             save_converted(pipe, cached, resolved)
+        pipe.use_scheduler(scheduler)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
     else:
         pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=torch_dtype, safety_checker=None,
                                                     requires_safety_checker=False)
-        if base_model is not None:  # its tokenizer and scheduler replace the ones saved in the folder
+        if base_model is not None:  # its tokenizer replaces the one saved in the folder
             pipe.tokenizer = load_tokenizer(arch.tokenizer_dir)
-            pipe._base_scheduler_config = dict(arch.scheduler)
-            pipe.scheduler = make_scheduler(scheduler, arch.scheduler)
+        # Samplers always start from the base model's scheduler config, never from whatever a folder saved.
+        pipe.set_base_scheduler(arch.scheduler)
         pipe.use_scheduler(scheduler)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
 

@@ -138,11 +138,14 @@ def encode_subjects(image_encoder: CLIPVisionModelWithProjection, pixels: torch.
         `torch.Tensor`: (B, k, 1, D): the projected pooled CLS token, *not* L2-normalised.
     """
     b, k, c, h, w = pixels.shape
+    dtype = pixels.dtype
     pixels = pixels.reshape(b * k, c, h, w)
+    if pixels.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        pixels = pixels.float()  # the CPU has no half-precision antialiased resize; GPUs keep the original's dtype
     size = image_encoder.config.image_size
     if (h, w) != (size, size):
         pixels = F.interpolate(pixels, (size, size), mode="bilinear", antialias=True)
     mean = torch.tensor(CLIP_MEAN, device=pixels.device, dtype=pixels.dtype)[:, None, None]
     std = torch.tensor(CLIP_STD, device=pixels.device, dtype=pixels.dtype)[:, None, None]
-    embeds = image_encoder(pixel_values=(pixels - mean) / std).image_embeds
+    embeds = image_encoder(pixel_values=((pixels - mean) / std).to(dtype)).image_embeds
     return embeds.reshape(b, k, 1, -1)

@@ -9,7 +9,8 @@ A small `StableDiffusionPipeline` subclass. What it adds (spec section 4):
    augmented embedding afterwards, so the subjects' identities fill that layout. The unconditional
    branch always sees the negative prompt and never the subjects.
 
-Everything else (VAE decode, safety checker, progress bar, samplers) is the inherited diffusers code.
+The rest is diffusers' own: the networks, samplers, latents, progress bar and the safety checker's
+`run_safety_checker`; only the last step differs, replacing flagged images by a grey placeholder.
 
 Example:
     >>> from fastcomposer import load_pipeline
@@ -109,7 +110,8 @@ class FastComposerPipeline(StableDiffusionPipeline):
         self.register_to_config(object_resolution=object_resolution)
         self.subject_processor = SubjectImageProcessor(object_resolution)
         self._subject_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see encode_subject_images
-        # The sampler config every `use_scheduler` call starts from (SD1.5's PNDM config by default).
+        # The sampler config every `use_scheduler` call starts from: the one this pipeline was built with,
+        # which `load_pipeline` makes the base model's PNDM config (see `set_base_scheduler`).
         self._base_scheduler_config = dict(scheduler.config) if scheduler is not None else {}
 
     # -- stages ---------------------------------------------------------------------------------------
@@ -195,8 +197,8 @@ class FastComposerPipeline(StableDiffusionPipeline):
         return self.postfuse_module(text_embeds, object_embeds, mask, num_objects)
 
     @staticmethod
-    def text_only_iterations(alpha: float, num_inference_steps: int) -> float:
-        """Loop index up to which (inclusive) the conditional branch sees only the text.
+    def last_text_only_index(alpha: float, num_inference_steps: int) -> float:
+        """The last loop index (inclusive) at which the conditional branch sees only the text.
 
         A float, not rounded, compared with the loop index as the released code did. With PNDM's
         N + 1 iterations and alpha = 1 the first iteration is still text-only.
@@ -306,7 +308,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 6. Delayed subject conditioning: which embedding the conditional branch sees, per iteration
-        switch = self.text_only_iterations(alpha, num_inference_steps)
+        switch = self.last_text_only_index(alpha, num_inference_steps)
         text_cond = torch.cat([negative_embeds, text_embeds]) if do_cfg else text_embeds
         subject_cond = torch.cat([negative_embeds, augmented_embeds]) if do_cfg else augmented_embeds
 
@@ -352,6 +354,11 @@ class FastComposerPipeline(StableDiffusionPipeline):
         return FastComposerPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
     # -- conveniences ---------------------------------------------------------------------------------
+
+    def set_base_scheduler(self, config: dict[str, Any]) -> None:
+        """Make `config` (the base model's scheduler config) the one every sampler is built from; back to PNDM."""
+        self._base_scheduler_config = dict(config)
+        self.scheduler = make_scheduler("pndm", self._base_scheduler_config)
 
     def use_scheduler(self, name: str) -> None:
         """Switch the sampler ("pndm", "dpm", "ddim" or "euler"), keeping the model's noise schedule."""

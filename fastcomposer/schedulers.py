@@ -14,7 +14,9 @@ from diffusers import (
 
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     # The released demo's sampler. With skip_prk_steps, N steps give N + 1 loop iterations.
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    # "leading" spacing is SD1.5's; set it explicitly so a config that passed through another sampler
+    # (whose default is "linspace") can never shift PNDM's timesteps.
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "leading"}),
     # DPM-Solver++ (2M): about as good at 20-25 steps as PNDM at 50.
     "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "ddim": (DDIMScheduler, {}),

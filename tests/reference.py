@@ -9,6 +9,8 @@ PNDM, a CPU generator, round(x * 255) conversion.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,7 +90,9 @@ def original_generate(pipe, prompt, images, negative_prompt, steps, guidance, al
     flat.masked_scatter_(flat_mask[:, None], fused)
     aug = flat.view(1, 77, -1).repeat(num_images, 1, 1)
 
-    scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    # SD1.5's own scheduler config, read from the file, not from the pipeline under test.
+    config = json.loads((Path(__file__).resolve().parents[1] / "fastcomposer/configs/scheduler.json").read_text())
+    scheduler = PNDMScheduler.from_config(config)
     scheduler.set_timesteps(steps)
     generator = torch.manual_seed(seed)  # the demo used the global CPU generator
     shape = (num_images, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

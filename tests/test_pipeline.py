@@ -234,3 +234,67 @@ def test_subject_embeddings_are_cached_for_the_same_photos(tiny_pipe, photos, mo
     b = tiny_pipe.encode_subject_images([photos["astronaut"].copy()], torch.device("cpu"))  # same pixels
     c = tiny_pipe.encode_subject_images([photos["hopper"]], torch.device("cpu"))
     assert len(calls) == 2 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def sd15_pndm_timesteps(steps: int) -> list[int]:
+    import json
+    from pathlib import Path
+
+    from diffusers import PNDMScheduler
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "fastcomposer/configs/scheduler.json").read_text())
+    scheduler = PNDMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.tolist()
+
+
+def test_pndm_timesteps_survive_loading_with_another_sampler(tmp_path):
+    """Built with DPM first (whose default spacing differs), PNDM must still use SD1.5's timesteps."""
+    from fastcomposer.loader import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False, scheduler="dpm")
+    for name in ("euler", "pndm"):
+        pipe.use_scheduler(name)
+    pipe.scheduler.set_timesteps(50)
+    assert pipe.scheduler.timesteps.tolist() == sd15_pndm_timesteps(50)
+    assert pipe.scheduler.timesteps.tolist()[:3] == [981, 961, 961]
+    # A folder saved while another sampler was active must not change PNDM either.
+    pipe.use_scheduler("euler")
+    pipe.save_pretrained(tmp_path / "saved")
+    again = load_pipeline(tmp_path / "saved", device="cpu", dtype="fp32", safety_checker=False)
+    again.scheduler.set_timesteps(50)
+    assert again.scheduler.timesteps.tolist() == sd15_pndm_timesteps(50)
+
+
+def test_bf16_on_the_cpu_generates(photos):
+    from fastcomposer.loader import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu", dtype="bf16", safety_checker=False)
+    out = pipe("a woman img", [photos["astronaut"]], num_inference_steps=2, generator=gen(0), output_type="np",
+               **SMALL)
+    assert np.isfinite(out.images).all() and out.images.shape == (1, 64, 64, 3)
+
+
+def test_a_converted_folder_loads_with_plain_from_pretrained(tmp_path, photos):
+    """`convert`'s default output works with diffusers' own from_pretrained, no dtype given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastcomposer import FastComposerPipeline
+    from fastcomposer.architecture import build_modules, tiny_architecture
+    from fastcomposer.testing import released_state_dict, write_model_folders
+
+    arch = tiny_architecture()
+    torch.save(released_state_dict(build_modules(arch, empty=False)), tmp_path / "model.bin")
+    write_model_folders(arch, tmp_path / "base", tmp_path / "clip")
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcomposer", "convert", str(tmp_path / "model.bin"), str(tmp_path / "out"),
+         "--base-model", str(tmp_path / "base"), "--image-encoder", str(tmp_path / "clip")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    pipe = FastComposerPipeline.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in pipe.image_encoder.parameters()} == {torch.float32}
+    out = pipe("a woman img", [photos["astronaut"]], num_inference_steps=2, generator=gen(0), **SMALL)
+    assert len(out.images) == 1
