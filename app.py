@@ -26,7 +26,7 @@ logger = logging.getLogger("fastcomposer.app")
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
-MAX_SLOTS = SETTINGS.limits.max_subjects
+MAX_SLOTS = 4  # photo slots on the page (and photo_1..photo_4 in the API); Limits.max_subjects caps their use
 SAMPLERS = [("PNDM · original, 50 steps", "pndm"), ("DPM++ 2M · fast, 25 steps", "dpm"), ("DDIM", "ddim"),
             ("Euler", "euler")]
 
@@ -83,57 +83,56 @@ def create_demo(
     def photos_of(files: list) -> list[tuple[int, str]]:
         return [(k, f) for k, f in enumerate(files) if f]
 
-    def subject_image(k: int, path: str, face_crop: bool, whole: bool):
-        """(image for the encoder, status) for photo k+1; raises gr.Error with the photo's name."""
+    def load_subject(k: int, path: str, face_crop: bool, whole: bool):
+        """Photo k+1 -> (photo, what the encoder sees, status). Raises ImageError, NoFaceFoundError, or
+        ValueError when no face detector can run at all; callers choose how to show each."""
         name = f"photo {k + 1}"
-        try:
-            image = load_image(path, name=name, limits=limits)
-        except ImageError as e:
-            raise gr.Error(str(e), title="Photo problem") from None
+        image = load_image(path, name=name, limits=limits)
         if not face_crop or whole:
             return image, image, f"{name}: whole photo"
+        crop = cropper.crop(image, name=name)
+        note = f" ({crop.num_faces} faces: the largest is used)" if crop.num_faces > 1 else ""
+        return image, crop.image, f"{name}: face found ✓{note}"
+
+    def subject_or_error(k: int, path: str, face_crop: bool, whole: bool):
+        """`load_subject` for a generation: every problem becomes a gr.Error naming the photo."""
         try:
-            crop = cropper.crop(image, name=name)
+            return load_subject(k, path, face_crop, whole)
+        except ImageError as e:
+            raise gr.Error(str(e), title="Photo problem") from None
         except NoFaceFoundError as e:
-            raise gr.Error(f"{e} Tick 'Use whole photo' under {name} to use it uncropped.",
+            raise gr.Error(f"{e} Tick 'Use whole photo' under photo {k + 1} to use it uncropped.",
                            title="No face found") from None
         except ValueError as e:  # no detector at all (e.g. OpenCV 5 installed): the message says what to do
             raise gr.Error(str(e), title="Face crop unavailable") from None
-        note = f" ({crop.num_faces} faces: the largest is used)" if crop.num_faces > 1 else ""
-        return image, crop.image, f"{name}: face found ✓{note}"
 
     # -- event handlers ---------------------------------------------------------------------------------
 
     def preview(path: str | None, face_crop: bool, whole: bool, k: int):
+        """What the model will see for photo k+1, shown right after upload; problems become the status."""
         if not path:
             return None, "", gr.update(visible=False, value=False)
-        name = f"photo {k + 1}"
         try:
-            image = load_image(path, name=name, limits=limits)
+            _, seen, status = load_subject(k, path, face_crop, whole)
+            return seen, status, gr.update(visible=whole, value=whole)
         except ImageError as e:
             return None, f"✗ {e}", gr.update(visible=False)
-        if not face_crop or whole:
-            return image, f"{name}: whole photo", gr.update(visible=whole)
-        try:
-            crop = cropper.crop(image, name=name)
         except NoFaceFoundError:
-            message = f"✗ no face found in {name}: tick 'Use whole photo' or try a clearer photo"
-            return image, message, gr.update(visible=True)
+            status = f"✗ no face found in photo {k + 1}: tick 'Use whole photo' or try a clearer photo"
+            return load_image(path, limits=limits), status, gr.update(visible=True)
         except ValueError as e:
-            return image, f"✗ {e}", gr.update(visible=True)
-        return crop.image, f"{name}: face found ✓", gr.update(visible=False, value=False)
+            return None, f"✗ {e}", gr.update(visible=True)
 
     def hint(prompt: str, *files: str | None) -> str:
-        return prompt_hint(prompt, len(photos_of(list(files))), tokenizer, limits.max_subjects).text
+        count = len(photos_of(list(files)))
+        return prompt_hint(prompt, count, tokenizer, limits.max_subjects, limits.max_prompt_chars).text
 
-    def check_before_queue(prompt, negative, alpha, guidance, steps, sampler, seed, num_images, width, height,
-                           face_crop, *rest):
+    def check_before_queue(*values):
         """Runs before the job takes a queue slot: refuses a prompt that cannot match the photos."""
-        files = rest[:MAX_SLOTS]
-        h = prompt_hint(prompt or "", len(photos_of(list(files))), tokenizer, limits.max_subjects)
-        valid = [gr.validate(True, "")] * (11 + len(rest))
-        valid[0] = gr.validate(h.ok, h.text)
-        return valid
+        prompt, files = values[0], values[len(settings_inputs):len(settings_inputs) + MAX_SLOTS]
+        h = prompt_hint(prompt or "", len(photos_of(list(files))), tokenizer, limits.max_subjects,
+                        limits.max_prompt_chars)
+        return [gr.validate(h.ok, h.text)] + [gr.validate(True, "")] * (len(values) - 1)
 
     @gpu
     def run(pipe, request, subjects, on_step, stop):
@@ -149,6 +148,9 @@ def create_demo(
             num_inference_steps=steps, num_images=num_images, height=height, width=width,
             seed=-1 if seed is None else seed, scheduler=sampler, face_crop=bool(face_crop),
         )
+        # Stop works from here on: pressed while photos are decoded or cropped, nothing is generated.
+        session = request.session_hash or ""
+        stop = stops[session] = threading.Event()
         # 1. Cheap checks first: nothing is decoded or loaded for a request that cannot run
         photos = photos_of(files)
         try:
@@ -157,12 +159,10 @@ def create_demo(
         except GenerationError as e:
             raise gr.Error(str(e), title="Check the prompt and settings") from None
         # 2. Photos: safe decode, face crop (or whole photo)
-        loaded = [subject_image(k, path, bool(face_crop), bool(wholes[k])) for k, path in photos]
+        loaded = [subject_or_error(k, path, bool(face_crop), bool(wholes[k])) for k, path in photos]
         gen_request.images = [image for image, _, _ in loaded]
         subjects = [subject for _, subject, _ in loaded]
         # 3. Generate, one step at a time, honouring Stop
-        stop = stops.setdefault(request.session_hash or "", threading.Event())
-        stop.clear()
         started = time.monotonic()
 
         def on_step(done: int, total: int) -> None:
@@ -176,7 +176,8 @@ def create_demo(
             free_memory()
             raise gr.Error(str(e), title="Could not generate") from None
         finally:
-            stops.pop(request.session_hash or "", None)
+            if stops.get(session) is stop:
+                del stops[session]
         if result.interrupted:
             return gr.update(), gr.update(), "Stopped. Nothing was generated."
         status = f"{len(result.images)} image(s) · seed {result.seed}"
@@ -323,10 +324,10 @@ def load_or_preview(args: argparse.Namespace) -> tuple[object, str | None]:
     except (WeightsUnavailableError, CheckpointError) as e:
         logger.error("real weights unavailable: %s", e)
         reason = str(e)
+    # The reason names what is missing (the checkpoint or the safety checker) and how to supply it.
     return load_pipeline("tiny", safety_checker=False, **common), (
-        f"The FastComposer weights could not be loaded, so this page runs on tiny random weights and images are "
-        f"noise. Why: {reason} Fix: download `pytorch_model.bin` from https://huggingface.co/mit-han-lab/fastcomposer "
-        "and start with `python app.py --weights /path/to/pytorch_model.bin`.")
+        f"The real model could not be loaded, so this page runs on tiny random weights and images are noise. "
+        f"Why, and how to fix it: {reason}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +369,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         share=args.share,
         show_error=not args.public,  # public: only gr.Error messages reach users, never tracebacks
         max_file_size=settings.limits.max_file_size,
-        allowed_paths=[str(ASSETS)],
+        allowed_paths=[str(ASSETS), *kwargs.pop("allowed_paths", [])],  # extra ones only for tests
         blocked_paths=blocked,
         **kwargs,
     )

@@ -107,7 +107,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
     d = SETTINGS.defaults
-    steps = args.steps if args.steps is not None else (d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps)
+    default_steps = d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps
+    steps = args.steps if args.steps is not None else default_steps
     request = GenerationRequest(
         prompt=args.prompt, images=images, negative_prompt=args.negative_prompt, alpha=args.alpha,
         guidance_scale=args.guidance, num_inference_steps=steps, num_images=args.num_images,

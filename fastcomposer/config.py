@@ -48,7 +48,11 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds that protect a shared server; the CLI and API check the same values."""
+    """Bounds that protect a shared server; the web app checks them, the CLI relaxes a few (see cli.py).
+
+    Steps and guidance go beyond the first proposal (50 and 10) because the compute budget below already
+    bounds the cost, and guidance above 10 has uses with strong negative prompts.
+    """
 
     max_subjects: int = 4  # training used up to 4 subjects per image
     max_images_per_run: int = 4  # one batch of 4 fits a 12 GB GPU at 512 px in fp16

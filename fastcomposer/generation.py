@@ -184,6 +184,8 @@ def generate(
             p.request_stop()
         return tensors
 
+    if stop is not None and stop.is_set():  # stopped while photos were prepared: run nothing
+        return GenerationResult([], [], seed, interrupted=True)
     pipe.use_scheduler(request.scheduler)
     try:
         out = pipe(

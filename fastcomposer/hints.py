@@ -18,9 +18,11 @@ class PromptHint:
     text: str  # one or two short lines for under the prompt box
 
 
-def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int) -> PromptHint:
+def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int, max_chars: int = 1000) -> PromptHint:
     """"2 subjects in prompt · 2 photos ✓", or what to change, plus a 77-token meter."""
     prompt = prompt or ""
+    if len(prompt) > max_chars:  # checked before tokenising: this runs unqueued, on every keystroke
+        return PromptHint(False, f"✗ the prompt is {len(prompt)} characters; the limit is {max_chars}")
     markers = count_markers(prompt)
     plural = lambda n: "s" if n != 1 else ""  # noqa: E731
     counts = f"{markers} subject{plural(markers)} in prompt · {num_photos} photo{plural(num_photos)}"

@@ -203,6 +203,8 @@ def load_pipeline(
     torch_dtype = pick_dtype(dtype, torch_device)
     dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
     resolved = resolve_weights(weights, allow_download=allow_download, dtype=dtype_name)
+    # The checker before the weights are read: if it cannot be had, fail before gigabytes are loaded for nothing.
+    checker = load_safety_checker(torch_dtype, allow_download) if safety_checker else None
     arch = with_overrides(
         tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
     )
@@ -230,8 +232,8 @@ def load_pipeline(
         pipe.use_scheduler(scheduler)
         label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
 
-    if safety_checker:
-        pipe.register_modules(safety_checker=load_safety_checker(torch_dtype, allow_download))
+    if checker is not None:
+        pipe.register_modules(safety_checker=checker)
         pipe.register_to_config(requires_safety_checker=True)
     else:
         logger.warning("the safety checker is off: generated images are not filtered")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,17 +72,63 @@ def save_png(image: PIL.Image.Image, path: str | Path, record: GenerationRecord)
     return path
 
 
-def read_record(source: str | Path | PIL.Image.Image) -> GenerationRecord | None:
-    """The record stored in one of our PNGs, or None if it has none (or it is unreadable)."""
+def png_text_chunks(data: bytes, max_chunks: int = 1000) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file's bytes, read without decoding any pixel.
+
+    Uploaded files are untrusted: this never hands them to an image decoder, so a decompression bomb or a
+    malformed image costs nothing, and a corrupt chunk ends the scan instead of raising.
+    """
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return {}
+    texts: dict[str, str] = {}
+    pos = 8
+    for _ in range(max_chunks):
+        if pos + 8 > len(data):
+            break
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        try:
+            if kind == b"tEXt":
+                key, _, value = body.partition(b"\0")
+                texts[key.decode("latin-1")] = value.decode("latin-1")
+            elif kind == b"zTXt":
+                key, _, rest = body.partition(b"\0")
+                texts[key.decode("latin-1")] = _inflate(rest[1:]).decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _language, _, rest = rest.partition(b"\0")
+                _translated, _, value = rest.partition(b"\0")
+                texts[key.decode("latin-1")] = (_inflate(value) if compressed else value).decode("utf-8")
+            elif kind == b"IEND":
+                break
+        except (ValueError, IndexError, zlib.error):
+            continue  # one bad chunk: keep scanning the others
+    return texts
+
+
+def _inflate(data: bytes, limit: int = 1 << 20) -> bytes:
+    """zlib-decompress at most `limit` bytes: a text chunk is never a bomb either."""
+    return zlib.decompressobj().decompress(data, limit)
+
+
+def read_record(source: str | Path | bytes | PIL.Image.Image) -> GenerationRecord | None:
+    """The record stored in one of our PNGs, or None if there is none (or the file is not readable).
+
+    Files are read as bytes and parsed by `png_text_chunks`; images already in memory use their `info`.
+    """
     try:
-        image = source if isinstance(source, PIL.Image.Image) else PIL.Image.open(source)
-        text = getattr(image, "text", None) or {}
-        raw = text.get(KEY) or image.info.get(KEY)
+        if isinstance(source, PIL.Image.Image):
+            raw = source.info.get(KEY)
+        else:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            raw = png_text_chunks(data).get(KEY)
         if not raw:
             return None
-        data: dict[str, Any] = json.loads(raw)
+        data_dict: dict[str, Any] = json.loads(raw)
         known = {f.name for f in fields(GenerationRecord)}
-        return GenerationRecord(**{k: v for k, v in data.items() if k in known})
+        return GenerationRecord(**{k: v for k, v in data_dict.items() if k in known})
     except (OSError, ValueError, TypeError) as e:
-        logger.info("no readable settings in the image (%s)", type(e).__name__)
+        logger.info("no readable settings in the file (%s)", type(e).__name__)
         return None

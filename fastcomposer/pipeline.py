@@ -110,6 +110,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
         self.register_to_config(object_resolution=object_resolution)
         self.subject_processor = SubjectImageProcessor(object_resolution)
         self._subject_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see encode_subject_images
+        self._subject_cache_owner = image_encoder
         # The sampler config every `use_scheduler` call starts from: the one this pipeline was built with,
         # which `load_pipeline` makes the base model's PNDM config (see `set_base_scheduler`).
         self._base_scheduler_config = dict(scheduler.config) if scheduler is not None else {}
@@ -174,7 +175,10 @@ class FastComposerPipeline(StableDiffusionPipeline):
         Cached for the last few photo sets: people re-run new prompts with the same photos, and the
         ViT-L/14 pass costs about a second per photo on a CPU.
         """
-        key = (id(self.image_encoder), str(device), self.image_encoder.dtype, self.subject_processor.resolution,
+        if self._subject_cache_owner is not self.image_encoder:  # a new encoder: old embeddings are void
+            self._subject_cache.clear()
+            self._subject_cache_owner = self.image_encoder
+        key = (str(device), self.image_encoder.dtype, self.subject_processor.resolution,
                tuple((im.size, im.mode, hashlib.sha1(im.tobytes()).hexdigest()) for im in images))
         if key in self._subject_cache:
             self._subject_cache.move_to_end(key)

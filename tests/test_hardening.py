@@ -163,7 +163,7 @@ def test_r4_non_images_are_refused_through_the_app(tiny_app, tmp_path, content, 
 def test_r11_to_r13_bad_values_from_a_direct_api_call_are_clear_errors(fake_app, overrides, message):
     pipe = FakePipe()
     _, client = fake_app(pipe)
-    with pytest.raises(AppError) as err:
+    with pytest.raises((AppError, ValidationError)) as err:  # the prompt length is refused before the queue
         client.predict(**request(**overrides), api_name="/generate")
     assert message in str(err.value)
     assert "Traceback" not in str(err.value)
@@ -227,19 +227,53 @@ def test_r15_internal_errors_are_hidden_but_gr_errors_are_shown(fake_app):
 
 
 def test_r16_checkpoint_and_source_paths_are_blocked(tiny_pipe, tmp_path):
+    """The weights sit in a folder that is explicitly allowed: only our blocked_paths can refuse them."""
     weights = tmp_path / "pytorch_model.bin"
     weights.write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("allowed")
 
     class WithWeights(Args):
         pass
 
     WithWeights.weights = str(weights)
-    demo = serve(tiny_pipe, args=WithWeights)
+    demo = app_module.create_demo(lambda: tiny_pipe, cropper=FaceCropper(allow_download=False))
+    app_module.launch(demo, WithWeights, prevent_thread_lock=True, quiet=True,
+                      allowed_paths=[str(tmp_path), str(ROOT)])
     try:
+        assert httpx.get(demo.local_url + f"gradio_api/file={tmp_path / 'notes.txt'}").status_code == 200
         for path in (weights, ROOT / "app.py", ROOT / "fastcomposer" / "pipeline.py", Path("/etc/passwd")):
             assert httpx.get(demo.local_url + f"gradio_api/file={path}").status_code == 403, path
     finally:
         demo.close()
+
+
+def test_r1_restoring_settings_never_decodes_the_upload(tiny_app, tmp_path):
+    _, client = tiny_app
+    bomb = tmp_path / "bomb.png"
+    PIL.Image.new("1", (20000, 20000)).save(bomb)
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="holds no FastComposer settings"):
+        client.predict(handle_file(str(bomb)), api_name="/restore_settings")
+    assert time.perf_counter() - start < 10
+
+
+def test_r12_the_unqueued_hint_refuses_huge_prompts_before_tokenising(tiny_app):
+    _, client = tiny_app
+    start = time.perf_counter()
+    text = client.predict("a woman img " + "x" * 200_000, handle_file(ASTRONAUT), None, None, None, api_name="/hint")
+    assert "the limit is 1000" in text and time.perf_counter() - start < 10
+
+
+def test_stop_pressed_before_denoising_runs_nothing(tiny_pipe):
+    from fastcomposer.generation import GenerationRequest, generate
+
+    pipe = FakePipe()
+    stop = threading.Event()
+    stop.set()
+    request_ = GenerationRequest(prompt="a woman img", images=[PIL.Image.new("RGB", (64, 64))], face_crop=False,
+                                 num_inference_steps=3)
+    result = generate(pipe, request_, stop=stop)
+    assert result.interrupted and result.images == [] and pipe.calls == 0
 
 
 def test_r23_one_run_at_a_time_per_pipeline(fake_app):
