@@ -29,20 +29,10 @@ from fastcomposer.architecture import build_modules, bundled_architecture  # noq
 from fastcomposer.loader import assemble, cast, compile_unet  # noqa: E402
 from fastcomposer.schedulers import make_scheduler  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import timed  # noqa: E402  (the same timer as the general pipeline benchmark)
+
 logger = logging.getLogger("bench_gpu")
-
-
-def timed(fn, device: torch.device) -> tuple[float, int]:
-    """Seconds for one call and the peak memory it allocated (bytes; 0 on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return time.perf_counter() - start, peak
 
 
 def main() -> None:
