@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import SETTINGS
+from .presets import PRESETS, default_steps
+from .schedulers import SCHEDULERS
 
 logger = logging.getLogger("fastcomposer")
 
@@ -33,31 +35,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = SETTINGS.defaults
     parser = _Parser(prog="python -m fastcomposer", description="FastComposer: multi-subject image generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate images of the given subjects")
     g.add_argument("--prompt", required=True, help='text with `img` after each subject word, e.g. "a man img hiking"')
-    g.add_argument("--image", action="append", required=True, metavar="PATH",
-                   help="a subject photo; repeat in the order of the `img` markers")
+    g.add_argument("--image", action="append", required=True, metavar="PATH[,PATH...]",
+                   help="photos of one subject (several: comma-separated, 1-4); repeat --image per subject, in "
+                   "the order of the `img` markers")
     g.add_argument("--output", required=True, metavar="PATH.png",
                    help="where to save; with several images PATH_0.png, PATH_1.png, ...")
-    g.add_argument("--negative-prompt", default=None, help='what to avoid (default: ours; "" for none)')
-    g.add_argument("--steps", type=int, default=None,
-                   help=f"denoising steps (default {d.num_inference_steps}; dpm {d.dpm_steps})")
-    g.add_argument("--guidance", type=float, default=d.guidance_scale,
-                   help=f"guidance scale (default {d.guidance_scale})")
-    g.add_argument("--alpha", type=float, default=d.alpha,
-                   help=f"share of steps that see the subjects: higher = more identity (default {d.alpha})")
-    g.add_argument("--seed", type=int, default=-1, help="random seed (-1: random, printed)")
-    g.add_argument("--num-images", type=int, default=d.num_images, help="images to generate")
-    g.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")
-    g.add_argument("--width", type=int, default=None, help="image width (default: the model's, 512)")
-    g.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler"], default=d.scheduler, help="sampler")
-    g.add_argument("--no-face-crop", action="store_true",
-                   help="give the encoder the whole photo (as the original demo)")
-    g.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
+    _generation_args(g)
+    g.add_argument("--attention-maps", action="store_true",
+                   help="also write PATH_attn.png: where each subject went (its cross-attention, one colour each)")
     _model_args(g)
 
     c = sub.add_parser("convert", help="convert the released pytorch_model.bin into a fast-loading folder")
@@ -70,6 +60,64 @@ def build_parser() -> argparse.ArgumentParser:
                    "'same' keeps the file's bf16/fp32 mix, which must then be loaded with an explicit dtype")
     c.add_argument("-v", "--verbose", action="store_true", help="more log output")
     return parser
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """The settings of a generation (shared by `generate` and `batch`, where they are every job's defaults)."""
+    d = SETTINGS.defaults
+    p.add_argument("--negative-prompt", default=None, help='what to avoid (default: ours; "" for none)')
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="sampler, steps and caching in one word (default original: "
+                   + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + ")")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default: the preset's, {d.num_inference_steps}; dpm alone: {d.dpm_steps})")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the preset's, pndm)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="DeepCache: reuse deep UNet features for N-1 of every N steps (1 = off; default: the "
+                   "preset's)")
+    p.add_argument("--guidance", type=float, default=d.guidance_scale,
+                   help=f"guidance scale (default {d.guidance_scale})")
+    p.add_argument("--alpha", default=str(d.alpha), metavar="A[,A...]",
+                   help=f"share of steps that see the subjects: higher = more identity (default {d.alpha}); a comma "
+                   "list runs a sweep with one seed and writes PATH_alpha0.50.png, ... and PATH_grid.png")
+    p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random, printed)")
+    p.add_argument("--num-images", type=int, default=d.num_images, help="images to generate")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's, 512)")
+    p.add_argument("--no-face-crop", action="store_true",
+                   help="give the encoder the whole photo (as the original demo)")
+    p.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
+
+
+def parse_alphas(text: str) -> list[float]:
+    """"0.75" -> [0.75]; "0.5,0.6,0.7" -> a sweep. Raises UserError for anything else."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--alpha {text!r} is not a number or a comma-separated list of numbers") from None
+    if not values:
+        raise UserError("--alpha needs a value, e.g. 0.75 or 0.5,0.6,0.7")
+    return values
+
+
+def split_images(value: str) -> list[str]:
+    """One --image value -> the photo paths of one subject. An existing file is taken whole (commas and all)."""
+    if Path(value).is_file() or "," not in value:
+        return [value]
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def sampling_plan(args: argparse.Namespace):
+    """The sampler, steps and cache interval from --preset and the explicit flags (explicit flags win).
+
+    Without --preset a lone --scheduler keeps its own step default (dpm 25), as before presets existed.
+    """
+    from .presets import resolve
+
+    steps = args.steps
+    if args.preset is None and args.scheduler is not None and steps is None:
+        steps = default_steps(args.scheduler)
+    return resolve(args.preset, args.scheduler, steps, args.cache_interval)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -93,31 +141,68 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{k}{path.suffix}") for k in range(n)]
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationError, GenerationRequest, generate, prepare_subjects, validate
+def load_subject_photos(values: list[str]):
+    """--image values -> per subject, its photos (safely loaded). Raises UserError for a bad file."""
     from .images import ImageError, load_image
-    from .loader import load_pipeline
-    from .metadata import save_png
-    from .prompt import load_tokenizer
 
-    # 1. Read the photos safely (plain-words errors for bad files)
     try:
-        images = [load_image(path, name=f"--image {path}") for path in args.image]
+        return [[load_image(path, name=f"--image {path}") for path in split_images(value)] for value in values]
     except ImageError as e:
         raise UserError(str(e)) from None
 
-    d = SETTINGS.defaults
-    default_steps = d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps
-    steps = args.steps if args.steps is not None else default_steps
-    request = GenerationRequest(
-        prompt=args.prompt, images=images, negative_prompt=args.negative_prompt, alpha=args.alpha,
-        guidance_scale=args.guidance, num_inference_steps=steps, num_images=args.num_images,
-        height=args.height or 512, width=args.width or 512, seed=args.seed, scheduler=args.scheduler,
-        face_crop=not args.no_face_crop,
+
+def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha: float):
+    """A GenerationRequest from generation flags (see `_generation_args`); the size is settled after loading."""
+    from .generation import GenerationRequest
+
+    plan = sampling_plan(args)
+    return GenerationRequest(
+        prompt=prompt, images=images, negative_prompt=args.negative_prompt, alpha=alpha,
+        guidance_scale=args.guidance, num_inference_steps=plan.num_inference_steps, num_images=args.num_images,
+        height=args.height or 512, width=args.width or 512, seed=args.seed, scheduler=plan.scheduler,
+        face_crop=not args.no_face_crop, cache_interval=plan.cache_interval, preset=args.preset,
     )
+
+
+def load_model(args: argparse.Namespace):
+    """load_pipeline from the model flags (see `_model_args`); its errors become one-line UserErrors."""
+    from .checkpoint import CheckpointError
+    from .loader import load_pipeline
+    from .weights import WeightsUnavailableError
+
+    try:
+        return load_pipeline(
+            args.weights, device=args.device, dtype=args.dtype, scheduler=sampling_plan(args).scheduler,
+            safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
+        )
+    except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def with_model_size(request, pipe, args: argparse.Namespace):
+    """Without --height/--width, the model's own default size, as the original."""
+    if args.height is not None and args.width is not None:
+        return request
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return replace(request, height=args.height or size, width=args.width or size)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generation import GenerationError, generate, prepare_subjects, validate
+    from .metadata import save_png
+    from .prompt import load_tokenizer
+    from .sweep import alpha_sweep, grid_path, sweep_grid, sweep_paths
+    from .sweep import parse_alphas as check_sweep
+
+    # 1. Read the photos safely (plain-words errors for bad files); one --image per subject
+    images = load_subject_photos(args.image)
+    alphas = parse_alphas(args.alpha)
+    request = request_from_args(args, args.prompt, images, alphas[0])
 
     # 2. Check the request with the default tokenizer before loading gigabytes (again below, with the model's)
     try:
+        if len(alphas) > 1:
+            check_sweep(alphas)
         if not args.base_model:
             validate(request, load_tokenizer(), CLI_LIMITS)
         subjects = prepare_subjects(images, request.face_crop)
@@ -125,36 +210,44 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
     # 3. Load the model
-    from .checkpoint import CheckpointError
-    from .weights import WeightsUnavailableError
+    pipe = load_model(args)
+    request = with_model_size(request, pipe, args)
+    if args.attention_maps:
+        request = replace(request, attention_maps=True)
 
-    try:
-        pipe = load_pipeline(
-            args.weights, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-            safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
-        )
-    except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if args.height is None or args.width is None:  # the model's own default size, as the original
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        request = replace(request, height=args.height or size, width=args.width or size)
-
-    # 4. Generate and save
+    # 4. Generate (once, or once per alpha with one seed)
     def progress(done: int, total: int) -> None:
         logger.info("step %d/%d", done, total)
 
+    on_step = progress if args.verbose else None
     try:
-        on_step = progress if args.verbose else None
-        result = generate(pipe, request, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)
+        if len(alphas) == 1:
+            results = [generate(pipe, request, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)]
+            paths = [output_paths(args.output, len(results[0].images))]
+        else:
+            results = alpha_sweep(pipe, request, alphas, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)
+            paths = sweep_paths(args.output, alphas, request.num_images)
     except GenerationError as e:
         raise UserError(str(e)) from None
-    paths = output_paths(args.output, len(result.images))
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for image, record, path in zip(result.images, result.records, paths):
-        save_png(image, path, record)
-    sys.stdout.write(f"seed: {result.seed}\n")
-    for path, hidden in zip(paths, result.nsfw):
-        sys.stdout.write(f"{path}{'  (hidden by the safety checker)' if hidden else ''}\n")
+
+    # 5. Save: every image with its settings, attention overlays beside them, the sweep's grid
+    paths[0][0].parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.write(f"seed: {results[0].seed}\n")
+    for result, files in zip(results, paths):
+        for k, (image, record, path) in enumerate(zip(result.images, result.records, files)):
+            save_png(image, path, record)
+            hidden = result.nsfw[k] if k < len(result.nsfw) else False
+            sys.stdout.write(f"{path}{'  (hidden by the safety checker)' if hidden else ''}\n")
+            if k < len(result.attention):
+                attn = path.with_name(f"{path.stem}_attn.png")
+                result.attention[k].save(attn)
+                sys.stdout.write(f"{attn}\n")
+    if len(alphas) > 1:
+        grid = grid_path(args.output)
+        # With the identity check on, each cell's caption is its per-subject scores.
+        captions = [[report.summary() for report in getattr(r, "identity", None) or []] for r in results]
+        sweep_grid(results, alphas, captions if any(captions) else None).save(grid)
+        sys.stdout.write(f"{grid}\n")
     return 0
 
 

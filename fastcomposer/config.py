@@ -55,6 +55,7 @@ class Limits:
     """
 
     max_subjects: int = 4  # training used up to 4 subjects per image
+    max_photos_per_subject: int = 4  # their embeddings are averaged; beyond 4 the mean barely moves
     max_images_per_run: int = 4  # one batch of 4 fits a 12 GB GPU at 512 px in fp16
     min_steps: int = 1
     max_steps: int = 100  # PNDM plateaus well before 100 steps; more only costs time
@@ -66,6 +67,7 @@ class Limits:
     max_seed: int = 2**31 - 1  # fits every framework's int32 seed
     # Compute budget per request: images x steps x (pixels / 512^2). 4 images x 50 steps at 512 px = 200.
     max_compute_units: float = 200.0
+    max_cache_interval: int = 10  # DeepCache's quality falls off beyond about 5; 10 bounds experiments
     max_prompt_chars: int = 1000  # Gradio does not enforce Textbox max_length; CLIP keeps 77 tokens anyway
     # Uploads. Pillow's own bomb guard only starts at 89 MP; ours refuses from the header first.
     max_upload_pixels: int = 4096 * 4096

@@ -19,9 +19,11 @@ import PIL.Image
 import torch
 
 from . import __version__
+from .attention import overlay
 from .config import SETTINGS, Limits
 from .metadata import GenerationRecord, with_metadata
-from .prompt import ParsedPrompt, parse_prompt
+from .previews import latents_to_rgb
+from .prompt import ParsedPrompt, parse_prompt, subject_words
 from .schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ class GenerationRequest:
     """What the user asked for. `seed=-1` means a random seed; `negative_prompt=None` means our default."""
 
     prompt: str
-    images: Sequence[PIL.Image.Image]  # one safely loaded RGB photo per `img` marker, in marker order
+    # Per `img` marker, in marker order: one safely loaded RGB photo, or a list of 1-4 photos of that subject.
+    images: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]]
     negative_prompt: str | None = None
     alpha: float = SETTINGS.defaults.alpha
     guidance_scale: float = SETTINGS.defaults.guidance_scale
@@ -49,6 +52,9 @@ class GenerationRequest:
     seed: int = -1
     scheduler: str = SETTINGS.defaults.scheduler
     face_crop: bool = True
+    cache_interval: int = 1  # DeepCache: 1 = every UNet pass is full (see caching.py)
+    preset: str | None = None  # the preset the settings came from, recorded in the PNG (informational)
+    attention_maps: bool = False  # also return each image with its per-subject attention overlay
 
 
 @dataclass
@@ -57,8 +63,11 @@ class GenerationResult:
     records: list[GenerationRecord]
     seed: int
     nsfw: list[bool] = field(default_factory=list)  # per image: hidden by the safety checker
-    subjects: list[PIL.Image.Image] = field(default_factory=list)  # what the image encoder saw
+    subjects: list[list[PIL.Image.Image]] = field(default_factory=list)  # per subject, what the encoder saw
     interrupted: bool = False
+    attention: list[PIL.Image.Image] = field(default_factory=list)  # per image, the overlay (when asked)
+    steps_done: int = 0  # loop iterations that ran (all of them unless interrupted)
+    total_steps: int = 0  # loop iterations planned
 
     @property
     def num_hidden(self) -> int:
@@ -98,6 +107,9 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(_is_int(r.seed) and (r.seed == -1 or 0 <= r.seed <= limits.max_seed),
          f"seed must be -1 (random) or a whole number from 0 to {limits.max_seed}, got {r.seed}")
     need(r.scheduler in SCHEDULERS, f"unknown sampler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,
+         f"the cache interval must be a whole number from 1 (off) to {limits.max_cache_interval}, "
+         f"got {r.cache_interval}")
     for side_name, side in (("height", r.height), ("width", r.width)):
         need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
              f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to "
@@ -113,6 +125,10 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     except ValueError as e:
         raise GenerationError(str(e)) from None
     n_images = len(r.images)
+    for k, item in enumerate(r.images):
+        count = 1 if item is None or isinstance(item, PIL.Image.Image) else len(item)
+        need(1 <= count <= limits.max_photos_per_subject,
+             f"subject {k + 1} has {count} photos; give 1 to {limits.max_photos_per_subject} photos per subject")
     need(n_images >= 1, "add at least one subject photo")
     need(n_images <= limits.max_subjects,
          f"{n_images} photos were given; at most {limits.max_subjects} subjects are supported")
@@ -128,23 +144,38 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     return parsed
 
 
+def photo_groups(images: Sequence) -> list[list[PIL.Image.Image]]:
+    """Per subject, its list of photos (a plain image is one photo)."""
+    return [[item] if isinstance(item, PIL.Image.Image) else list(item) for item in images]
+
+
 def prepare_subjects(
-    images: Sequence[PIL.Image.Image], face_crop: bool, crop_fn: Callable | None = None
-) -> list[PIL.Image.Image]:
-    """The images the encoder will see: face crops (default) or the photos as they are."""
+    images: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]], face_crop: bool, crop_fn: Callable | None = None
+) -> list[list[PIL.Image.Image]]:
+    """Per subject, the images the encoder will see: face crops (default) or the photos as they are."""
+    groups = photo_groups(images)
     if not face_crop:
-        return list(images)
+        return groups
     if crop_fn is None:
         from .faces import crop_subject as crop_fn
-    return [crop_fn(image, name=f"photo {k + 1}").image for k, image in enumerate(images)]
+
+    def name(k: int, j: int, group: list) -> str:
+        return f"photo {k + 1}" if len(group) == 1 else f"photo {j + 1} of subject {k + 1}"
+
+    return [[crop_fn(image, name=name(k, j, group)).image for j, image in enumerate(group)]
+            for k, group in enumerate(groups)]
+
+
+PREVIEW_EVERY = 2  # loop iterations between live previews: often enough to watch, cheap (< 1 ms each)
 
 
 def generate(
     pipe,
     request: GenerationRequest,
     *,
-    subjects: Sequence[PIL.Image.Image] | None = None,
+    subjects: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    on_preview: Callable[[int, int, list[PIL.Image.Image]], None] | None = None,
     stop: threading.Event | None = None,
     limits: Limits = SETTINGS.limits,
     crop_fn: Callable | None = None,
@@ -154,8 +185,11 @@ def generate(
     Args:
         pipe: a loaded [`FastComposerPipeline`].
         request: the user's settings.
-        subjects: already-prepared encoder inputs (e.g. crops the user has seen); cropped here when None.
+        subjects: already-prepared encoder inputs (e.g. crops the user has seen), per subject one image or a
+            list; cropped here when None.
         on_step: called as `on_step(done, total)` after each denoising iteration (for progress bars).
+        on_preview: called as `on_preview(done, total, images)` every `PREVIEW_EVERY` iterations with cheap
+            previews of the images forming (see previews.py); the final images still come from the VAE.
         stop: when set, the run ends after the current iteration and returns `interrupted=True`.
 
     Raises:
@@ -164,22 +198,30 @@ def generate(
     # 1. Check everything before any model work
     validate(request, pipe.tokenizer, limits)
 
-    # 2. The encoder's inputs
+    # 2. The encoder's inputs, per subject
     if subjects is None:
         try:
             subjects = prepare_subjects(request.images, request.face_crop, crop_fn)
         except ValueError as e:  # NoFaceFoundError is a ValueError with a user-facing message
             raise GenerationError(str(e)) from None
+    subjects = photo_groups(subjects)
 
     # 3. Seed: a CPU generator, so a seed means the same image on any device
     seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
     generator = torch.Generator("cpu").manual_seed(seed)
     negative = SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
 
-    # 4. Run, reporting progress and honouring Stop between iterations
+    # 4. Run, reporting progress (and previews) and honouring Stop between iterations
+    progress = {"done": 0, "total": 0}
+
     def step_end(p, i: int, t, tensors: dict) -> dict:
+        progress.update(done=i + 1, total=p._num_timesteps)
         if on_step is not None:
             on_step(i + 1, p._num_timesteps)
+        denoised = tensors.get("denoised")
+        if on_preview is not None and denoised is not None and (i + 1) % PREVIEW_EVERY == 0 \
+                and i + 1 < p._num_timesteps:
+            on_preview(i + 1, p._num_timesteps, latents_to_rgb(denoised))
         if stop is not None and stop.is_set():
             p.request_stop()
         return tensors
@@ -187,6 +229,11 @@ def generate(
     if stop is not None and stop.is_set():  # stopped while photos were prepared: run nothing
         return GenerationResult([], [], seed, interrupted=True)
     pipe.use_scheduler(request.scheduler)
+    extra = {"callback_on_step_end_tensor_inputs": ["latents", "denoised"]} if on_preview is not None else {}
+    if int(request.cache_interval) > 1:
+        extra["cache_interval"] = int(request.cache_interval)
+    if request.attention_maps:
+        extra["return_attention"] = True
     try:
         out = pipe(
             request.prompt,
@@ -200,6 +247,7 @@ def generate(
             num_images_per_prompt=int(request.num_images),
             generator=generator,
             callback_on_step_end=step_end,
+            **extra,
         )
     except torch.OutOfMemoryError:
         out = None  # leave the except block first so the traceback's tensors can be freed
@@ -214,11 +262,24 @@ def generate(
         scheduler=request.scheduler, height=int(request.height), width=int(request.width),
         num_images=int(request.num_images), face_crop=bool(request.face_crop),
         model=getattr(pipe, "weights_label", ""), version=__version__,
+        cache_interval=int(request.cache_interval), preset=request.preset,
+        photos_per_subject=[len(group) for group in subjects],
     )
     records = [replace(base, image_index=k) for k in range(len(out.images))]
     images = [with_metadata(image, record) for image, record in zip(out.images, records)]
     nsfw = list(out.nsfw_content_detected or [False] * len(images))
-    return GenerationResult(images, records, seed, nsfw, list(subjects), out.interrupted)
+    result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted,
+                              steps_done=progress["done"], total_steps=progress["total"])
+
+    # 6. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
+    attention = getattr(out, "attention", None)
+    if attention is not None and images:
+        words = subject_words(request.prompt)
+        result.attention = [
+            placeholder if hidden else overlay(image, attention.maps[k], words)
+            for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
+        ]
+    return result
 
 
 def free_memory() -> None:

@@ -16,6 +16,7 @@ from . import config
 from .architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
 from .checkpoint import load_into_modules, read_state_dict
 from .pipeline import FastComposerPipeline
+from .presets import get_preset
 from .prompt import load_tokenizer
 from .schedulers import make_scheduler
 from .weights import (
@@ -56,6 +57,32 @@ def compile_unet(pipe: FastComposerPipeline) -> FastComposerPipeline:
     return pipe
 
 
+# Peak memory above the weights for SD1.5 in fp16 at 512 px, measured on a GPU with our pipeline
+# (README, "Performance": 3.2 GiB for one image, 4.6 GiB for four, weights included).
+ACTIVATION_BASE_BYTES = 0.15 * 2**30
+ACTIVATION_PER_IMAGE_BYTES = 0.47 * 2**30
+MEMORY_MARGIN = 1.15  # the allocator's fragmentation and the CUDA context
+
+
+def memory_need_bytes(pipe: FastComposerPipeline, batch: int, height: int = 512, width: int = 512) -> int:
+    """Estimated GPU bytes for one call of `batch` images: the weights plus activations, with a margin."""
+    weights = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+                  for p in c.parameters())
+    scale = height * width / 512**2
+    return int(MEMORY_MARGIN * (weights + ACTIVATION_BASE_BYTES + ACTIVATION_PER_IMAGE_BYTES * batch * scale))
+
+
+def needs_offload(pipe: FastComposerPipeline, batch: int = 1) -> bool:
+    """True when the current CUDA device's free memory is under `memory_need_bytes` (so offload is needed)."""
+    free, _total = torch.cuda.mem_get_info()
+    need = memory_need_bytes(pipe, batch)
+    if free < need:
+        logger.info("GPU free memory %.1f GiB < %.1f GiB needed: turning on model CPU offload", free / 2**30,
+                    need / 2**30)
+        return True
+    return False
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
     if device == "auto":
@@ -73,14 +100,42 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX), where bf16 is about 2x fp32.
+
+    Elsewhere PyTorch emulates bf16 and it is slower than fp32. Asks PyTorch first (its private but
+    long-standing `torch.cpu._is_*_supported`), then Linux's CPU flags.
+    """
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # noqa: BLE001 - a probe that cannot run means "unknown", not a crash
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on GPUs (cuda, mps), fp32 on the CPU (fp16 is slow there; bf16 only when asked)."""
+    """"auto": fp16 on GPUs (cuda, mps); on the CPU bf16 where the hardware has it, else fp32.
+
+    bf16 changes pixels slightly (it is not the original's arithmetic): `--dtype fp32` reproduces exactly.
+    """
     if dtype == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, fp16 or bf16")
     if dtype == "fp16" and device.type == "cpu":
         logger.warning("fp16 on the CPU is very slow; consider --dtype fp32 or bf16")
+    if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("this CPU has no native bf16, where bf16 is slower than fp32; consider --dtype fp32")
     return DTYPES[dtype]
 
 
@@ -169,13 +224,16 @@ def load_pipeline(
     *,
     device: str = "auto",
     dtype: str = "auto",
-    scheduler: str = config.GenerationDefaults.scheduler,
+    scheduler: str | None = None,
+    preset: str | None = None,
     safety_checker: bool = True,
     base_model: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
     allow_download: bool = True,
     cache_converted: bool = True,
     compile: bool = False,
+    offload: bool | str = "auto",
+    offload_batch: int = 1,
 ) -> FastComposerPipeline:
     """Load FastComposer, ready to call.
 
@@ -184,7 +242,9 @@ def load_pipeline(
             or a folder made by `python -m fastcomposer convert`.
         device: "auto", "cpu", "cuda" or "mps".
         dtype: "auto", "fp32", "fp16" or "bf16".
-        scheduler: "pndm" (the original's), "dpm", "ddim" or "euler".
+        scheduler: "pndm" (the original's), "dpm", "ddim" or "euler"; defaults to the preset's.
+        preset: "original" (default), "balanced" or "fast" (see presets.py): the sampler to start with, and
+            the steps and feature caching every call uses unless it says otherwise.
         safety_checker: run diffusers' StableDiffusionSafetyChecker on every image (downloaded once).
         base_model: a diffusers SD folder whose configs, tokenizer and scheduler replace the bundled ones.
         image_encoder: a CLIP folder whose `config.json` (a CLIPConfig) replaces the bundled vision config.
@@ -192,6 +252,10 @@ def load_pipeline(
         cache_converted: after reading a checkpoint file, save a fast-loading copy in the cache.
         compile: on CUDA, compile the UNet with `torch.compile` (CUDA graphs): about a minute of warm-up on
             the first call of each image size, then faster steps. For servers, not for one-off runs.
+        offload: diffusers' model CPU offload (each network moves to the GPU only while it runs): True,
+            False, or "auto": on when the GPU's free memory is under what `offload_batch` images at 512 px
+            need (see `needs_offload`). CUDA only.
+        offload_batch: the number of images per call "auto" plans for.
 
     Returns:
         [`FastComposerPipeline`] on `device`, with `pipe.weights_label` naming the weights for metadata.
@@ -201,6 +265,8 @@ def load_pipeline(
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    chosen = get_preset(preset)
+    scheduler = scheduler or chosen.scheduler
     dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
     resolved = resolve_weights(weights, allow_download=allow_download, dtype=dtype_name)
     # The checker before the weights are read: if it cannot be had, fail before gigabytes are loaded for nothing.
@@ -237,7 +303,12 @@ def load_pipeline(
         pipe.register_to_config(requires_safety_checker=True)
     else:
         logger.warning("the safety checker is off: generated images are not filtered")
-    pipe.to(torch_device)
+    pipe.default_preset = chosen.name
+    if torch_device.type == "cuda" and (offload is True or offload == "auto" and needs_offload(pipe, offload_batch)):
+        pipe.enable_model_cpu_offload(device=torch_device)  # weights stay in RAM; GPU holds one network at a time
+        logger.info("model CPU offload is on: slower, but fits a small GPU")
+    else:
+        pipe.to(torch_device)
     if compile:
         compile_unet(pipe)
     pipe.weights_label = label

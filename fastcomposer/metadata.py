@@ -40,6 +40,9 @@ class GenerationRecord:
     face_crop: bool = True
     model: str = ""  # which weights made it
     version: str = ""  # fastcomposer version
+    cache_interval: int = 1  # DeepCache interval (1 = off)
+    preset: str | None = None  # the speed preset the settings came from, if any
+    photos_per_subject: list[int] | None = None  # counts only: no image data is ever stored
 
     def summary(self) -> str:
         return (
@@ -47,6 +50,8 @@ class GenerationRecord:
             f"Steps: {self.num_inference_steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale}, "
             f"Alpha: {self.alpha}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
             f"Batch: {self.image_index + 1}/{self.num_images}, Face crop: {self.face_crop}, Model: {self.model}"
+            + (f", Cache interval: {self.cache_interval}" if self.cache_interval != 1 else "")
+            + (f", Photos per subject: {self.photos_per_subject}" if self.photos_per_subject else "")
         )
 
 

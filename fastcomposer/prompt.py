@@ -78,6 +78,21 @@ def count_markers(prompt: str) -> int:
     return len(MARKER_PATTERN.findall(prompt))
 
 
+_LAST_WORD = re.compile(r"([^\W_][\w'-]*)[^\w]*$")  # the last word of a text, with trailing punctuation
+
+
+def subject_words(prompt: str) -> list[str]:
+    """The word written before each marker, in marker order ("a man img and a woman img" -> man, woman).
+
+    For labels (legends, captions); a marker with no word before it is labelled "subject k".
+    """
+    words = []
+    for k, match in enumerate(MARKER_PATTERN.finditer(prompt)):
+        last = _LAST_WORD.search(prompt[: match.start()])
+        words.append(last.group(1) if last else f"subject {k + 1}")
+    return words
+
+
 def strip_markers(prompt: str) -> str:
     """The prompt with whole-word markers removed and the space before each one collapsed."""
     return _MARKER_WITH_SPACE.sub("", prompt).strip()

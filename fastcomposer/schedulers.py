@@ -19,7 +19,9 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "leading"}),
     # DPM-Solver++ (2M): about as good at 20-25 steps as PNDM at 50.
     "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "ddim": (DDIMScheduler, {}),
+    # SD's latents span about [-4, 4]; DDIM's default clip_sample=True would clip its x0 estimate to [-1, 1]
+    # (SD1.5's own scheduler file sets it False, our bundled config leaves it unset).
+    "ddim": (DDIMScheduler, {"clip_sample": False}),
     "euler": (EulerDiscreteScheduler, {}),
 }
 

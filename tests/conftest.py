@@ -11,6 +11,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _CACHE = tempfile.mkdtemp(prefix="fastcomposer-test-cache-")
 os.environ["FASTCOMPOSER_CACHE"] = _CACHE
+# Gradio's upload folder, per test session: another Gradio process on the machine must not clean ours.
+# (Not inside _CACHE: the app blocks its own cache folder from being served.)
+_GRADIO_TMP = tempfile.mkdtemp(prefix="fastcomposer-test-gradio-")
+os.environ["GRADIO_TEMP_DIR"] = _GRADIO_TMP
 
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
@@ -24,6 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_CACHE, ignore_errors=True)
+    shutil.rmtree(_GRADIO_TMP, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -117,3 +117,76 @@ def test_cli_reproduces_the_original_implementation(tmp_path, photos):
                             64, 64)[0]
     assert ours.shape == ref.shape == (64, 64, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_several_photos_per_subject(tmp_path, capsys):
+    """--image A,A equals --image A; --image A,B differs from both."""
+    base = ["generate", "--prompt", "a woman img reading", "--seed", "5", "--no-face-crop", *TINY, "--dtype", "fp32"]
+    outputs = {}
+    for name, value in (("a", ASTRONAUT), ("aa", f"{ASTRONAUT},{ASTRONAUT}"), ("ab", f"{ASTRONAUT},{HOPPER}"),
+                        ("b", HOPPER)):
+        code, _, err = run([*base, "--image", value, "--output", str(tmp_path / f"{name}.png")], capsys)
+        assert code == 0, err
+        outputs[name] = np.array(PIL.Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(outputs["a"], outputs["aa"])
+    assert not np.array_equal(outputs["ab"], outputs["a"]) and not np.array_equal(outputs["ab"], outputs["b"])
+    assert read_record(tmp_path / "ab.png").photos_per_subject == [2]
+
+
+def test_a_file_name_with_a_comma_is_taken_whole(tmp_path, capsys):
+    odd = tmp_path / "smith, jane.png"
+    PIL.Image.open(ASTRONAUT).save(odd)
+    code, _, err = run(["generate", "--prompt", "a woman img", "--image", str(odd), "--output",
+                        str(tmp_path / "o.png"), "--no-face-crop", *TINY], capsys)
+    assert code == 0, err
+    assert read_record(tmp_path / "o.png").photos_per_subject == [1]
+
+
+def test_preset_and_explicit_flags(tmp_path, capsys):
+    common = ["generate", "--prompt", "a woman img", "--image", ASTRONAUT, "--no-face-crop", "--seed", "1",
+              "--weights", "tiny", "--device", "cpu", "--no-safety-checker", "--height", "64", "--width", "64"]
+    assert run([*common, "--preset", "fast", "--output", str(tmp_path / "f.png")], capsys)[0] == 0
+    record = read_record(tmp_path / "f.png")
+    assert (record.scheduler, record.num_inference_steps, record.cache_interval, record.preset) == ("dpm", 20, 3,
+                                                                                                     "fast")
+    assert run([*common, "--preset", "fast", "--steps", "3", "--cache-interval", "1", "--scheduler", "euler",
+                "--output", str(tmp_path / "o.png")], capsys)[0] == 0
+    record = read_record(tmp_path / "o.png")
+    assert (record.scheduler, record.num_inference_steps, record.cache_interval) == ("euler", 3, 1)
+    # No preset: the original's sampler; a lone --scheduler dpm keeps its own 25-step default.
+    assert run([*common, "--scheduler", "dpm", "--output", str(tmp_path / "d.png")], capsys)[0] == 0
+    assert read_record(tmp_path / "d.png").num_inference_steps == 25
+
+
+def test_attention_maps_are_written_beside_each_image(tmp_path, capsys):
+    code, out, err = run(["generate", "--prompt", "a woman img and a man img", "--image", ASTRONAUT, "--image",
+                          HOPPER, "--num-images", "2", "--attention-maps", "--output", str(tmp_path / "x.png"),
+                          *TINY], capsys)
+    assert code == 0, err
+    for k in range(2):
+        attn = tmp_path / f"x_{k}_attn.png"
+        assert str(attn) in out
+        image, overlay = PIL.Image.open(tmp_path / f"x_{k}.png"), PIL.Image.open(attn)
+        assert overlay.width == image.width and overlay.height > image.height  # the legend strip
+
+
+def test_alpha_sweep_cells_equal_single_runs(tmp_path, capsys):
+    common = ["generate", "--prompt", "a woman img reading", "--image", ASTRONAUT, "--seed", "21", *TINY]
+    code, out, err = run([*common, "--alpha", "0.5,0.8", "--output", str(tmp_path / "s.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "s_grid.png").is_file() and "seed: 21" in out
+    for alpha in ("0.5", "0.8"):
+        assert run([*common, "--alpha", alpha, "--output", str(tmp_path / f"one{alpha}.png")], capsys)[0] == 0
+        cell = np.array(PIL.Image.open(tmp_path / f"s_alpha{float(alpha):.2f}.png"))
+        assert np.array_equal(cell, np.array(PIL.Image.open(tmp_path / f"one{alpha}.png")))
+        assert read_record(tmp_path / f"s_alpha{float(alpha):.2f}.png").alpha == float(alpha)
+    grid = PIL.Image.open(tmp_path / "s_grid.png")
+    assert grid.width > 2 * 64  # two cells side by side
+
+
+def test_alpha_sweep_with_a_random_seed_uses_one_seed(tmp_path, capsys):
+    code, out, err = run(["generate", "--prompt", "a woman img", "--image", ASTRONAUT, "--alpha", "0.6,0.7",
+                          "--num-images", "2", "--output", str(tmp_path / "r.png"), *TINY], capsys)
+    assert code == 0, err
+    seeds = {read_record(tmp_path / f"r_alpha{a}_{k}.png").seed for a in ("0.60", "0.70") for k in range(2)}
+    assert len(seeds) == 1 and f"seed: {seeds.pop()}" in out
