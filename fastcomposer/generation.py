@@ -49,6 +49,7 @@ class GenerationRequest:
     seed: int = -1
     scheduler: str = SETTINGS.defaults.scheduler
     face_crop: bool = True
+    identity_check: bool = False  # score each image's faces against the subjects (see identity.py)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class GenerationResult:
     nsfw: list[bool] = field(default_factory=list)  # per image: hidden by the safety checker
     subjects: list[PIL.Image.Image] = field(default_factory=list)  # what the image encoder saw
     interrupted: bool = False
+    identity: list = field(default_factory=list)  # per image, an `identity.IdentityReport` when it was asked for
 
     @property
     def num_hidden(self) -> int:
@@ -216,9 +218,24 @@ def generate(
         model=getattr(pipe, "weights_label", ""), version=__version__,
     )
     records = [replace(base, image_index=k) for k in range(len(out.images))]
+    identity = check_identity(request, out, subjects, records)
     images = [with_metadata(image, record) for image, record in zip(out.images, records)]
     nsfw = list(out.nsfw_content_detected or [False] * len(images))
-    return GenerationResult(images, records, seed, nsfw, list(subjects), out.interrupted)
+    return GenerationResult(images, records, seed, nsfw, list(subjects), out.interrupted, identity)
+
+
+def check_identity(request: GenerationRequest, out, subjects: Sequence, records: list[GenerationRecord]) -> list:
+    """When the request asks for it, one `identity.IdentityReport` per image of `out` against the encoder's
+    inputs `subjects` (a photo, or a list of photos, per subject), stored in each record too. Never raises."""
+    if not request.identity_check or not out.images:
+        return []
+    from .identity import default_checker, subject_names
+
+    names = subject_names(request.prompt, len(subjects))
+    reports = default_checker().check_images(out.images, subjects, names, hidden=out.nsfw_content_detected)
+    for record, report in zip(records, reports):
+        record.identity = report.to_dict()
+    return reports
 
 
 def free_memory() -> None:

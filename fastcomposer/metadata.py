@@ -40,6 +40,7 @@ class GenerationRecord:
     face_crop: bool = True
     model: str = ""  # which weights made it
     version: str = ""  # fastcomposer version
+    identity: dict | None = None  # the identity check's report (`identity.IdentityReport.to_dict()`), if run
 
     def summary(self) -> str:
         return (
