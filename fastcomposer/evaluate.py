@@ -174,6 +174,14 @@ def greedy_identity(similarity: np.ndarray, num_subjects: int) -> tuple[float, l
     return max(0.0, min(per_subject)), per_subject
 
 
+def identity_score(checker: IdentityChecker, image: Image.Image, references: np.ndarray) -> dict:
+    """One image's identity entry: `identity` (see `greedy_identity`), per-subject `subjects`, `num_faces`."""
+    faces, emb = checker.embed_faces(image)
+    sim = emb @ references.T if faces else np.zeros((0, len(references)))
+    score, per_subject = greedy_identity(sim, len(references))
+    return dict(identity=score, subjects=per_subject, num_faces=len(faces))
+
+
 class PromptScorer:
     """CLIP image-text cosine similarity (a `transformers.CLIPModel` and its `CLIPProcessor`)."""
 
@@ -196,7 +204,8 @@ def load_prompt_scorer(name_or_path: str = CLIP_REPO, device: str = "cpu") -> Pr
     """CLIP from a folder, or from the Hub into its cache (once). Raises `EvaluationError` saying how to supply it."""
     from transformers import CLIPModel, CLIPProcessor
 
-    local = Path(name_or_path).is_dir()
+    # A Hub id is "owner/name"; anything else (an absolute or relative path) is meant as a folder.
+    local = Path(name_or_path).is_dir() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "~", "/"))
     revision = None if local else os.environ.get(CLIP_REVISION_ENV) or "main"
     try:
         model = CLIPModel.from_pretrained(name_or_path, revision=revision)
@@ -319,11 +328,7 @@ def evaluate(
                                      file=path.relative_to(out).as_posix(), hidden=bool(result.nsfw[k]),
                                      identity=None, subjects=None, num_faces=None, prompt_consistency=None)
                         if not entry["hidden"]:
-                            faces, emb = checker.embed_faces(image)
-                            sim = emb @ refs.T if len(faces) else np.zeros((0, len(refs)))
-                            entry["identity"], entry["subjects"] = greedy_identity(sim, len(refs))
-                            entry["num_faces"] = len(faces)
-                            entry["prompt_consistency"] = scorer(image, text)
+                            entry.update(identity_score(checker, image, refs), prompt_consistency=scorer(image, text))
                         entries.append(entry)
                         tiles.append((path, _tile_label(entry)))
 
