@@ -1,4 +1,4 @@
-"""Command line: `python -m fastcomposer generate ...` and `python -m fastcomposer convert IN OUT`.
+"""Command line: `python -m fastcomposer generate ...`, `convert IN OUT` and `evaluate CASES_DIR --output DIR`.
 
 User errors (bad files, prompts, settings, missing weights) exit with status 2 and one line on
 stderr. Results (the seed and the files written) go to stdout.
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write PATH_attn.png: where each subject went (its cross-attention, one colour each)")
     _model_args(g)
 
+    e = sub.add_parser("evaluate", help="score identity and prompt consistency on your own cases (paper section 5)")
+    _evaluate_args(e)
+
     c = sub.add_parser("convert", help="convert the released pytorch_model.bin into a fast-loading folder")
     c.add_argument("input", help="the released checkpoint (pytorch_model.bin) or a .safetensors in its layout")
     c.add_argument("output", help="folder to write (diffusers layout, safetensors)")
@@ -87,6 +90,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-face-crop", action="store_true",
                    help="give the encoder the whole photo (as the original demo)")
     p.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
+    p.add_argument("--identity-check", action="store_true",
+                   help="score each image's faces against the subjects (ArcFace) and print one line per image")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -161,6 +166,7 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
         guidance_scale=args.guidance, num_inference_steps=plan.num_inference_steps, num_images=args.num_images,
         height=args.height or 512, width=args.width or 512, seed=args.seed, scheduler=plan.scheduler,
         face_crop=not args.no_face_crop, cache_interval=plan.cache_interval, preset=args.preset,
+        identity_check=args.identity_check,
     )
 
 
@@ -248,6 +254,87 @@ def run_generate(args: argparse.Namespace) -> int:
         captions = [[report.summary() for report in getattr(r, "identity", None) or []] for r in results]
         sweep_grid(results, alphas, captions if any(captions) else None).save(grid)
         sys.stdout.write(f"{grid}\n")
+    for result, files in zip(results, paths):
+        for path, report in zip(files, result.identity):
+            sys.stdout.write(f"{path}: {report.summary()}\n")
+    return 0
+
+
+def _comma_list(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
+        return values
+
+    return parse
+
+
+def _evaluate_args(e: argparse.ArgumentParser) -> None:
+    from .evaluate import CLIP_REPO, EvaluationSettings
+
+    d = EvaluationSettings()
+    e.add_argument("cases", metavar="CASES_DIR",
+                   help="one folder per case: prompts.txt and photos 1.jpg, 2.jpg, ... (or folders 1/, 2/)")
+    e.add_argument("--output", required=True, metavar="DIR", help="a new folder for the images and the report")
+    e.add_argument("--num-images", type=int, default=d.num_images,
+                   help=f"images per prompt, seed and alpha (default {d.num_images})")
+    e.add_argument("--seeds", type=_comma_list(int), default=d.seeds, metavar="S[,S...]",
+                   help=f"seeds, e.g. 0,1,2 (default {','.join(map(str, d.seeds))})")
+    e.add_argument("--alpha", type=_comma_list(float), default=d.alphas, metavar="A[,A...]",
+                   help=f"alphas, e.g. 0.5,0.7,0.9 to trace identity against prompt (default {d.alphas[0]:g})")
+    e.add_argument("--steps", type=int, default=d.num_inference_steps,
+                   help=f"denoising steps (default {d.num_inference_steps})")
+    e.add_argument("--guidance", type=float, default=d.guidance_scale,
+                   help=f"guidance scale (default {d.guidance_scale:g})")
+    e.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler"], default=d.scheduler, help="sampler")
+    e.add_argument("--negative-prompt", default=d.negative_prompt, help="what to avoid (default: none, as the paper)")
+    e.add_argument("--height", type=int, default=d.height, help=f"image height (default {d.height})")
+    e.add_argument("--width", type=int, default=d.width, help=f"image width (default {d.width})")
+    e.add_argument("--no-face-crop", action="store_true", help="give the encoder the whole photos")
+    e.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
+    e.add_argument("--clip-model", default=CLIP_REPO, metavar="DIR_OR_REPO",
+                   help=f"CLIP for prompt consistency (default {CLIP_REPO}, downloaded once)")
+    _model_args(e)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvaluationError, EvaluationSettings, evaluate
+    from .loader import load_pipeline, pick_device
+
+    try:
+        device = str(pick_device(args.device))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    settings = EvaluationSettings(
+        num_images=args.num_images, seeds=args.seeds, alphas=args.alpha, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
+        height=args.height, width=args.width, face_crop=not args.no_face_crop,
+        clip_model=args.clip_model,
+    )
+
+    def load():
+        from .checkpoint import CheckpointError
+        from .weights import WeightsUnavailableError
+
+        try:
+            return load_pipeline(
+                args.weights, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                safety_checker=not args.no_safety_checker, base_model=args.base_model,
+                image_encoder=args.image_encoder,
+            )
+        except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    try:
+        result = evaluate(args.cases, args.output, settings, load, limits=CLI_LIMITS, device=device)
+    except EvaluationError as e:
+        raise UserError(str(e)) from None
+    sys.stdout.write(result.markdown)
+    sys.stdout.write(f"\n{result.output_dir / 'report.json'}\n{result.output_dir / 'contact_sheet.png'}\n")
     return 0
 
 
@@ -281,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         level = logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-        return run_generate(args) if args.command == "generate" else run_convert(args)
+        return {"generate": run_generate, "convert": run_convert, "evaluate": run_evaluate}[args.command](args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -16,11 +16,9 @@ which ship inside opencv-python and so work offline.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .weights import cache_dir as _cache_root
+from .downloads import DOWNLOAD_TIMEOUT_S, DownloadError, WeightsFile, fetch
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,6 @@ WEIGHTS_FILE = "detection_Resnet50_Final.pth"
 WEIGHTS_SHA256: str | None = None
 SHA256_ENV = "FASTCOMPOSER_FACE_WEIGHTS_SHA256"
 DETECTOR_ENV = "FASTCOMPOSER_FACE_DETECTOR"  # "opencv" skips RetinaFace (CI, air-gapped servers)
-DOWNLOAD_TIMEOUT_S = 10.0  # per connect and per read: an offline machine must reach the fallback quickly
 MAX_WEIGHTS_BYTES = 256 * 2**20  # the real file is about 105 MB; a larger answer is not it
 
 DEFAULT_MARGIN = 2.6  # crop side / face width: head, hair and some shoulders on the bundled portraits
@@ -69,6 +66,17 @@ class FaceCrop:
     detector: str  # "retinaface" or "opencv"
 
 
+@dataclass
+class DetectedFace:
+    """One face found by `FaceCropper.detect`, in the photo's pixel coordinates."""
+
+    box: Box  # (x0, y0, x1, y1), clipped to the photo
+    score: float | None  # RetinaFace's confidence; None from OpenCV, which gives none
+    # RetinaFace's 5 points (x, y): left eye, right eye, nose tip, left and right mouth corner, as seen in the
+    # photo; None from OpenCV
+    landmarks: tuple[tuple[float, float], ...] | None = None
+
+
 class NoFaceFoundError(ValueError):
     """No face in a reference photo; the message names the photo and the two ways out."""
 
@@ -84,7 +92,7 @@ class FaceDetectorUnavailableError(ValueError):
     """No detector could be built at all; the message says how to fix it or to turn face crop off."""
 
 
-class FaceWeightsError(RuntimeError):
+class FaceWeightsError(DownloadError):
     """RetinaFace's weights could not be had or failed their integrity check."""
 
 
@@ -114,29 +122,13 @@ def square_box(face_box: Box, image_size: tuple[int, int], margin: float = DEFAU
 
 def expected_sha256() -> str | None:
     """The sha256 RetinaFace's weights must have: $FASTCOMPOSER_FACE_WEIGHTS_SHA256, else WEIGHTS_SHA256."""
-    value = os.environ.get(SHA256_ENV) or WEIGHTS_SHA256
-    return value.strip().lower() if value else None
+    return _retinaface_file().expected_sha256()
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _download(url: str, dest: Path) -> None:
-    """Stream `url` to `dest` through a .part file, so an interrupted download never looks complete."""
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
-            written = 0
-            while chunk := response.read(1 << 20):
-                written += len(chunk)
-                if written > MAX_WEIGHTS_BYTES:
-                    raise FaceWeightsError(f"the download of {WEIGHTS_FILE} is larger than {MAX_WEIGHTS_BYTES} bytes")
-                out.write(chunk)
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
+def _retinaface_file() -> WeightsFile:
+    # Built per call so a maintainer's WEIGHTS_SHA256 set after import still applies.
+    return WeightsFile(WEIGHTS_FILE, WEIGHTS_URL, SHA256_ENV, "RetinaFace weights (about 105 MB)",
+                       sha256=WEIGHTS_SHA256, max_bytes=MAX_WEIGHTS_BYTES, subdir="facexlib")
 
 
 def fetch_weights(
@@ -153,33 +145,8 @@ def fetch_weights(
     Raises:
         FaceWeightsError: missing and not downloadable, or the wrong hash. OSError: the download failed.
     """
-    folder = Path(cache_dir) if cache_dir else _cache_root() / "facexlib"
-    path = folder / WEIGHTS_FILE
-    record = path.with_name(f"{WEIGHTS_FILE}.sha256")
-    pinned = (sha256 or "").strip().lower() or expected_sha256()
-    downloaded = False
-    if not path.is_file():
-        if not allow_download:
-            raise FaceWeightsError(f"{WEIGHTS_FILE} is not in the cache and downloads are turned off")
-        folder.mkdir(parents=True, exist_ok=True)
-        logger.info("Downloading RetinaFace weights (about 105 MB) from the facexlib release")
-        _download(WEIGHTS_URL, path)
-        downloaded = True
-    actual = _sha256_file(path)
-    recorded = record.read_text().split()[:1] if record.is_file() else []
-    wanted = pinned or (recorded[0] if recorded else None)
-    if wanted is not None and actual != wanted:
-        if downloaded:  # never leave a bad download where the next start would find it
-            path.unlink(missing_ok=True)
-        source = "pinned" if pinned else "recorded at the first download"
-        raise FaceWeightsError(
-            f"{WEIGHTS_FILE} has sha256 {actual}, but {source} is {wanted}; refusing it. "
-            f"Delete the file to download it again, or set {SHA256_ENV} if the new file is trusted."
-        )
-    if wanted is None:
-        record.write_text(f"{actual}  {WEIGHTS_FILE}\n")
-        logger.info("Recorded sha256 %s of %s; pin it with %s", actual, WEIGHTS_FILE, SHA256_ENV)
-    return path
+    return fetch(_retinaface_file(), cache_dir, allow_download, sha256, timeout=DOWNLOAD_TIMEOUT_S,
+                 error=FaceWeightsError)
 
 
 def load_retinaface(weights: str | os.PathLike, device: str = "cpu"):
@@ -216,12 +183,22 @@ def _to_boxes(raw: list[tuple[float, float, float, float]], scale: float, image_
 
 
 def _detect_retinaface(model, image: Image.Image) -> list[Box]:
+    return [face.box for face in _retinaface_faces(model, image)]
+
+
+def _retinaface_faces(model, image: Image.Image) -> list[DetectedFace]:
     import torch
 
     small, scale = _downscale(image, RETINAFACE_MAX_SIDE)
     with torch.inference_mode():
         found = model.detect_faces(small, conf_threshold=RETINAFACE_THRESHOLD, nms_threshold=0.4)
-    return _to_boxes([tuple(float(v) for v in row[:4]) for row in found], scale, image.size)
+    faces = []
+    for row in found:  # x0, y0, x1, y1, score, then 5 (x, y) landmarks
+        boxes = _to_boxes([tuple(float(v) for v in row[:4])], scale, image.size)
+        if boxes:
+            points = tuple((float(row[5 + 2 * j]) / scale, float(row[6 + 2 * j]) / scale) for j in range(5))
+            faces.append(DetectedFace(boxes[0], float(row[4]), points))
+    return faces
 
 
 def _load_cascades() -> list[tuple[str, object]]:
@@ -318,6 +295,18 @@ class FaceCropper:
                 reason,
             )
             self._model, self._name = _load_cascades(), "opencv"
+
+    def detect(self, image: Image.Image) -> list[DetectedFace]:
+        """Every face in `image` (any mode), with RetinaFace's score and 5 landmarks when it is the detector.
+
+        Unlike `crop`, finding no face is not an error: the list is empty.
+        """
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        with self._lock:
+            self._ensure_detector()
+            if self._name == "retinaface":
+                return _retinaface_faces(self._model, rgb)
+            return [DetectedFace(box, None) for box in _detect_opencv(self._model, rgb)]
 
     def crop(self, image: Image.Image, name: str = "the photo") -> FaceCrop:
         """Crop the largest face in `image` with its head and some shoulders.

@@ -55,6 +55,7 @@ class GenerationRequest:
     cache_interval: int = 1  # DeepCache: 1 = every UNet pass is full (see caching.py)
     preset: str | None = None  # the preset the settings came from, recorded in the PNG (informational)
     attention_maps: bool = False  # also return each image with its per-subject attention overlay
+    identity_check: bool = False  # score each image's faces against the subjects (see identity.py)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class GenerationResult:
     attention: list[PIL.Image.Image] = field(default_factory=list)  # per image, the overlay (when asked)
     steps_done: int = 0  # loop iterations that ran (all of them unless interrupted)
     total_steps: int = 0  # loop iterations planned
+    identity: list = field(default_factory=list)  # per image, an `identity.IdentityReport` when it was asked for
 
     @property
     def num_hidden(self) -> int:
@@ -266,9 +268,10 @@ def generate(
         photos_per_subject=[len(group) for group in subjects],
     )
     records = [replace(base, image_index=k) for k in range(len(out.images))]
+    identity = check_identity(request, out, subjects, records)
     images = [with_metadata(image, record) for image, record in zip(out.images, records)]
     nsfw = list(out.nsfw_content_detected or [False] * len(images))
-    result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted,
+    result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted, identity=identity,
                               steps_done=progress["done"], total_steps=progress["total"])
 
     # 6. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
@@ -280,6 +283,20 @@ def generate(
             for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
         ]
     return result
+
+
+def check_identity(request: GenerationRequest, out, subjects: Sequence, records: list[GenerationRecord]) -> list:
+    """When the request asks for it, one `identity.IdentityReport` per image of `out` against the encoder's
+    inputs `subjects` (a photo, or a list of photos, per subject), stored in each record too. Never raises."""
+    if not request.identity_check or not out.images:
+        return []
+    from .identity import default_checker, subject_names
+
+    names = subject_names(request.prompt, len(subjects))
+    reports = default_checker().check_images(out.images, subjects, names, hidden=out.nsfw_content_detected)
+    for record, report in zip(records, reports):
+        record.identity = report.to_dict()
+    return reports
 
 
 def free_memory() -> None:

@@ -43,6 +43,7 @@ class GenerationRecord:
     cache_interval: int = 1  # DeepCache interval (1 = off)
     preset: str | None = None  # the speed preset the settings came from, if any
     photos_per_subject: list[int] | None = None  # counts only: no image data is ever stored
+    identity: dict | None = None  # the identity check's report (`identity.IdentityReport.to_dict()`), if run
 
     def summary(self) -> str:
         return (

@@ -288,3 +288,42 @@ def test_an_opencv_without_cascades_gives_a_clear_error(monkeypatch):
     with pytest.raises(faces.FaceDetectorUnavailableError, match="opencv-python<5"):
         cropper.crop(Image.new("RGB", (200, 200)), name="photo 1")
     assert isinstance(faces.FaceDetectorUnavailableError("x"), ValueError)  # callers report it like bad input
+
+
+# --- detect(): every face, with RetinaFace's scores and landmarks ---------------------------------------
+
+
+def test_detect_with_opencv_lists_the_faces_crop_chooses_from(fallback):
+    image = load("astronaut.png")
+    found = fallback.detect(image)
+    assert [f.box for f in found] and all(f.score is None and f.landmarks is None for f in found)
+    assert fallback.crop(image).face_box in [f.box for f in found]
+    assert fallback.detect(Image.new("RGB", (200, 200), (128, 128, 128))) == []
+
+
+def test_detect_with_retinaface_gives_scores_and_five_landmarks(random_weights, monkeypatch):
+    path, digest = random_weights
+    monkeypatch.setenv(faces.SHA256_ENV, digest)
+    cropper = FaceCropper(cache_dir=path.parent, allow_download=False)
+    image = load("astronaut.png").resize((160, 160))
+    found = cropper.detect(image)
+    assert found and [f.box for f in found] == faces._detect_retinaface(cropper._model, image)
+    for face in found:
+        assert face.score >= faces.RETINAFACE_THRESHOLD and len(face.landmarks) == 5
+        assert all(isinstance(v, float) for point in face.landmarks for v in point)
+
+
+def test_retinaface_landmarks_are_mapped_back_to_the_photo(random_weights, monkeypatch):
+    path, digest = random_weights
+    model = faces.load_retinaface(faces.fetch_weights(path.parent, allow_download=False, sha256=digest))
+    with torch.no_grad():
+        for head in model.LandmarkHead:  # no regression: all 5 points sit at the anchor's centre
+            head.conv1x1.weight.zero_()
+            head.conv1x1.bias.zero_()
+    monkeypatch.setattr(faces, "RETINAFACE_MAX_SIDE", 80)  # a 160 px photo is detected at half size
+    found = faces._retinaface_faces(model, load("astronaut.png").resize((160, 160)))
+    assert found
+    for face in found:
+        x0, y0, x1, y1 = face.box
+        assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in face.landmarks)
+    assert max(x for f in found for x, _ in f.landmarks) > 100, "in the photo's pixels, not the half-size copy's"
