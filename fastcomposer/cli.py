@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to save; with several images PATH_0.png, PATH_1.png, ...")
     g.add_argument("--negative-prompt", default=None, help='what to avoid (default: ours; "" for none)')
     g.add_argument("--steps", type=int, default=None,
-                   help=f"denoising steps (default {d.num_inference_steps}; dpm {d.dpm_steps})")
+                   help=f"denoising steps (default {d.num_inference_steps}; dpm {d.dpm_steps}; lcm and tcd "
+                   f"{d.few_steps})")
     g.add_argument("--guidance", type=float, default=d.guidance_scale,
                    help=f"guidance scale (default {d.guidance_scale})")
     g.add_argument("--alpha", type=float, default=d.alpha,
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=d.num_images, help="images to generate")
     g.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the model's, 512)")
-    g.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler"], default=d.scheduler, help="sampler")
+    g.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler", "lcm", "tcd"], default=d.scheduler,
+                   help="sampler (lcm and tcd: few-step samplers for LCM/TCD/Hyper-SD LoRAs)")
     g.add_argument("--no-face-crop", action="store_true",
                    help="give the encoder the whole photo (as the original demo)")
     g.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
@@ -81,6 +83,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers SD folder whose configs, tokenizer and scheduler replace the bundled ones")
     p.add_argument("--image-encoder", default=None, metavar="DIR",
                    help="CLIP folder whose config.json (CLIPConfig) replaces the bundled vision config")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_HUB_REPO[:SCALE]",
+                   help="a Stable Diffusion 1.5 LoRA (.safetensors file, Hub repo owner/name, or "
+                   "owner/name/file.safetensors), at SCALE (default 1); repeat for several")
     p.add_argument("-v", "--verbose", action="store_true", help="more log output")
 
 
@@ -97,6 +102,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationError, GenerationRequest, generate, prepare_subjects, validate
     from .images import ImageError, load_image
     from .loader import load_pipeline
+    from .lora import parse_lora_spec
     from .metadata import save_png
     from .prompt import load_tokenizer
 
@@ -107,7 +113,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
     d = SETTINGS.defaults
-    default_steps = d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps
+    sampler_steps = {"dpm": d.dpm_steps, "lcm": d.few_steps, "tcd": d.few_steps}
+    default_steps = sampler_steps.get(args.scheduler, d.num_inference_steps)
     steps = args.steps if args.steps is not None else default_steps
     request = GenerationRequest(
         prompt=args.prompt, images=images, negative_prompt=args.negative_prompt, alpha=args.alpha,
@@ -120,8 +127,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         if not args.base_model:
             validate(request, load_tokenizer(), CLI_LIMITS)
+        loras = [parse_lora_spec(spec) for spec in args.lora]
         subjects = prepare_subjects(images, request.face_crop)
-    except ValueError as e:
+    except ValueError as e:  # LoraError is a ValueError too
         raise UserError(str(e)) from None
 
     # 3. Load the model
@@ -132,6 +140,7 @@ def run_generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(
             args.weights, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
             safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
+            loras=loras,
         )
     except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

@@ -22,7 +22,7 @@ from . import __version__
 from .config import SETTINGS, Limits
 from .metadata import GenerationRecord, with_metadata
 from .prompt import ParsedPrompt, parse_prompt
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, max_steps
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(_is_int(r.seed) and (r.seed == -1 or 0 <= r.seed <= limits.max_seed),
          f"seed must be -1 (random) or a whole number from 0 to {limits.max_seed}, got {r.seed}")
     need(r.scheduler in SCHEDULERS, f"unknown sampler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    need(max_steps(r.scheduler) is None or r.num_inference_steps <= max_steps(r.scheduler),
+         f"the {r.scheduler} sampler takes at most {max_steps(r.scheduler)} steps (it is made for 2-8)")
     for side_name, side in (("height", r.height), ("width", r.width)):
         need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
              f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to "
@@ -214,6 +216,7 @@ def generate(
         scheduler=request.scheduler, height=int(request.height), width=int(request.width),
         num_images=int(request.num_images), face_crop=bool(request.face_crop),
         model=getattr(pipe, "weights_label", ""), version=__version__,
+        loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
     )
     records = [replace(base, image_index=k) for k in range(len(out.images))]
     images = [with_metadata(image, record) for image, record in zip(out.images, records)]

@@ -10,7 +10,7 @@ import json
 import logging
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class GenerationRecord:
     face_crop: bool = True
     model: str = ""  # which weights made it
     version: str = ""  # fastcomposer version
+    loras: list[str] = field(default_factory=list)  # LoRAs applied, as `NAME:SCALE` (older PNGs: none)
 
     def summary(self) -> str:
         return (
@@ -47,6 +48,7 @@ class GenerationRecord:
             f"Steps: {self.num_inference_steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale}, "
             f"Alpha: {self.alpha}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
             f"Batch: {self.image_index + 1}/{self.num_images}, Face crop: {self.face_crop}, Model: {self.model}"
+            + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")
         )
 
 
