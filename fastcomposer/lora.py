@@ -322,11 +322,13 @@ def load_lora(pipe, lora: LoraSpec, allow_download: bool = True) -> str:
     stamp = (stat.st_size, stat.st_mtime_ns)
     loaded = _adapters(pipe)
     if str(path) in loaded:
-        name, old_stamp = loaded[str(path)]
-        if old_stamp == stamp:
+        name, old_stamp = loaded.pop(str(path))
+        present = any(name in names for names in pipe.get_list_adapters().values())
+        if old_stamp == stamp and present:
+            loaded[str(path)] = (name, stamp)
             return name
-        pipe.delete_adapters(name)  # the file was replaced: drop the stale copy
-        del loaded[str(path)]
+        if present:  # the file was replaced: drop the stale copy
+            pipe.delete_adapters(name)
 
     check_lora(pipe, path)
     name = _adapter_name(pipe, path)

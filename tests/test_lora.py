@@ -226,6 +226,28 @@ def test_switching_sets_loads_each_file_once_and_off_is_exact(pipe, tiny_pipe, p
     assert np.abs(both - only_one).max() > 1e-3
 
 
+def test_a_replaced_file_is_loaded_again(pipe, tmp_path):
+    import os
+
+    path = write_peft(tmp_path / "style.safetensors", lora_factors(13))
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    x = torch.randn(2, 64, generator=gen(0))
+    apply_loras(pipe, [path])
+    with torch.no_grad():
+        first = pipe.unet.get_submodule(layer)(x)
+    factors = lora_factors(14)
+    write_peft(path, factors)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    apply_loras(pipe, [path])
+    with torch.no_grad():
+        second = pipe.unet.get_submodule(layer)(x)
+        base = x @ pipe.unet.get_submodule(layer).base_layer.weight.T
+    a, b = factors["unet", layer]
+    torch.testing.assert_close(second, base + (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    assert pipe.get_list_adapters()["unet"] == ["style"]  # the stale copy is gone
+
+
 def test_the_same_lora_twice_is_refused_and_the_previous_set_stays(pipe, photos, tmp_path):
     path = write_peft(tmp_path / "one.safetensors", lora_factors(7))
     apply_loras(pipe, [f"{path}:0.5"])
