@@ -134,6 +134,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers SD folder whose configs, tokenizer and scheduler replace the bundled ones")
     p.add_argument("--image-encoder", default=None, metavar="DIR",
                    help="CLIP folder whose config.json (CLIPConfig) replaces the bundled vision config")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_HUB_REPO[:SCALE]",
+                   help="a Stable Diffusion 1.5 LoRA (.safetensors file, Hub repo owner/name, or "
+                   "owner/name/file.safetensors), at SCALE (default 1); repeat for several")
     p.add_argument("-v", "--verbose", action="store_true", help="more log output")
 
 
@@ -180,6 +183,7 @@ def load_model(args: argparse.Namespace):
         return load_pipeline(
             args.weights, device=args.device, dtype=args.dtype, scheduler=sampling_plan(args).scheduler,
             safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
+            loras=args.lora,
         )
     except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
@@ -195,6 +199,7 @@ def with_model_size(request, pipe, args: argparse.Namespace):
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationError, generate, prepare_subjects, validate
+    from .lora import parse_lora_spec
     from .metadata import save_png
     from .prompt import load_tokenizer
     from .sweep import alpha_sweep, grid_path, sweep_grid, sweep_paths
@@ -211,8 +216,10 @@ def run_generate(args: argparse.Namespace) -> int:
             check_sweep(alphas)
         if not args.base_model:
             validate(request, load_tokenizer(), CLI_LIMITS)
+        for spec in args.lora:  # a malformed --lora fails before any model work
+            parse_lora_spec(spec)
         subjects = prepare_subjects(images, request.face_crop)
-    except ValueError as e:
+    except ValueError as e:  # LoraError is a ValueError too
         raise UserError(str(e)) from None
 
     # 3. Load the model
@@ -290,7 +297,7 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
                    help=f"denoising steps (default {d.num_inference_steps})")
     e.add_argument("--guidance", type=float, default=d.guidance_scale,
                    help=f"guidance scale (default {d.guidance_scale:g})")
-    e.add_argument("--scheduler", choices=["pndm", "dpm", "ddim", "euler"], default=d.scheduler, help="sampler")
+    e.add_argument("--scheduler", choices=list(SCHEDULERS), default=d.scheduler, help="sampler")
     e.add_argument("--negative-prompt", default=d.negative_prompt, help="what to avoid (default: none, as the paper)")
     e.add_argument("--height", type=int, default=d.height, help=f"image height (default {d.height})")
     e.add_argument("--width", type=int, default=d.width, help=f"image width (default {d.width})")
@@ -324,7 +331,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             return load_pipeline(
                 args.weights, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                 safety_checker=not args.no_safety_checker, base_model=args.base_model,
-                image_encoder=args.image_encoder,
+                image_encoder=args.image_encoder, loras=args.lora,
             )
         except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:
             raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

@@ -44,6 +44,7 @@ class GenerationDefaults:
     object_resolution: int = 256  # the demo pads to square and resizes to 256 before the encoder's 224
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     dpm_steps: int = 25  # DPM-Solver++ reaches PNDM-50 quality in about half the steps
+    few_steps: int = 4  # LCM and TCD, with their distilled LoRAs, are made for 2-8 steps
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .config import SETTINGS, Limits
 from .metadata import GenerationRecord, with_metadata
 from .previews import latents_to_rgb
 from .prompt import ParsedPrompt, parse_prompt, subject_words
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, max_steps
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,
          f"the cache interval must be a whole number from 1 (off) to {limits.max_cache_interval}, "
          f"got {r.cache_interval}")
+    need(max_steps(r.scheduler) is None or r.num_inference_steps <= max_steps(r.scheduler),
+         f"the {r.scheduler} sampler takes at most {max_steps(r.scheduler)} steps (it is made for 2-8)")
     for side_name, side in (("height", r.height), ("width", r.width)):
         need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
              f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to "
@@ -266,6 +268,7 @@ def generate(
         model=getattr(pipe, "weights_label", ""), version=__version__,
         cache_interval=int(request.cache_interval), preset=request.preset,
         photos_per_subject=[len(group) for group in subjects],
+        loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
     )
     records = [replace(base, image_index=k) for k in range(len(out.images))]
     identity = check_identity(request, out, subjects, records)

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from transformers import CLIPImageProcessor
 from . import config
 from .architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
 from .checkpoint import load_into_modules, read_state_dict
+from .lora import LoraSpec, apply_loras, lora_file, parse_lora_spec
 from .pipeline import FastComposerPipeline
 from .presets import get_preset
 from .prompt import load_tokenizer
@@ -234,6 +236,7 @@ def load_pipeline(
     compile: bool = False,
     offload: bool | str = "auto",
     offload_batch: int = 1,
+    loras: Sequence[str | LoraSpec] = (),
 ) -> FastComposerPipeline:
     """Load FastComposer, ready to call.
 
@@ -256,12 +259,16 @@ def load_pipeline(
             False, or "auto": on when the GPU's free memory is under what `offload_batch` images at 512 px
             need (see `needs_offload`). CUDA only.
         offload_batch: the number of images per call "auto" plans for.
+        loras: LoRAs to apply, as specs `PATH_OR_HUB_REPO[:SCALE]` or [`LoraSpec`]s (see lora.py). They go on
+            after the weights are loaded (a converted copy saved in the cache holds the base weights only).
 
     Returns:
-        [`FastComposerPipeline`] on `device`, with `pipe.weights_label` naming the weights for metadata.
+        [`FastComposerPipeline`] on `device`, with `pipe.weights_label` naming the weights and
+        `pipe.active_loras` the LoRAs applied, for metadata.
 
     Raises:
-        `WeightsUnavailableError`, `CheckpointError`, `ValueError` with messages that say how to fix them.
+        `WeightsUnavailableError`, `CheckpointError`, `LoraError`, `ValueError` with messages that say how to fix
+        them.
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
@@ -271,6 +278,9 @@ def load_pipeline(
     resolved = resolve_weights(weights, allow_download=allow_download, dtype=dtype_name)
     # The checker before the weights are read: if it cannot be had, fail before gigabytes are loaded for nothing.
     checker = load_safety_checker(torch_dtype, allow_download) if safety_checker else None
+    lora_specs = [parse_lora_spec(spec) for spec in loras]
+    for spec in lora_specs:  # a missing LoRA file or failed download, too, shows before the weights are read
+        lora_file(spec, allow_download)
     arch = with_overrides(
         tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
     )
@@ -309,6 +319,7 @@ def load_pipeline(
         logger.info("model CPU offload is on: slower, but fits a small GPU")
     else:
         pipe.to(torch_device)
+    pipe.active_loras = apply_loras(pipe, lora_specs, allow_download=allow_download) if lora_specs else []
     if compile:
         compile_unet(pipe)
     pipe.weights_label = label

@@ -10,7 +10,7 @@ import json
 import logging
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class GenerationRecord:
     preset: str | None = None  # the speed preset the settings came from, if any
     photos_per_subject: list[int] | None = None  # counts only: no image data is ever stored
     identity: dict | None = None  # the identity check's report (`identity.IdentityReport.to_dict()`), if run
+    loras: list[str] = field(default_factory=list)  # LoRAs applied, as `NAME:SCALE` (older PNGs: none)
 
     def summary(self) -> str:
         return (
@@ -53,6 +54,7 @@ class GenerationRecord:
             f"Batch: {self.image_index + 1}/{self.num_images}, Face crop: {self.face_crop}, Model: {self.model}"
             + (f", Cache interval: {self.cache_interval}" if self.cache_interval != 1 else "")
             + (f", Photos per subject: {self.photos_per_subject}" if self.photos_per_subject else "")
+            + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")
         )
 
 

@@ -297,7 +297,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -326,7 +326,8 @@ class FastComposerPipeline(StableDiffusionPipeline):
             generator (`torch.Generator`, *optional*): seed source. A CPU generator gives the same image on
                 every device.
             latents (`torch.Tensor`, *optional*): starting noise instead of drawing it from `generator`.
-            eta (`float`, defaults to 0.0): DDIM's eta; ignored by the other samplers.
+            eta (`float`, *optional*): DDIM's eta (default 0) or TCD's gamma (default 0.3); None keeps the
+                sampler's own default. Ignored by the other samplers.
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
             return_dict (`bool`, defaults to True): return a `FastComposerPipelineOutput` instead of a tuple.
             cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors.
@@ -386,6 +387,8 @@ class FastComposerPipeline(StableDiffusionPipeline):
                 text_embeds.dtype, device, generator, latents,
             )
             extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+            if eta is None:  # each sampler's own default (TCD's gamma is 0.3, DDIM's eta 0)
+                extra_step_kwargs.pop("eta", None)
 
             # 6. Delayed subject conditioning: which embedding the conditional branch sees, per iteration
             switch = self.last_text_only_index(alpha, num_inference_steps)
@@ -464,7 +467,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
         self.scheduler = make_scheduler("pndm", self._base_scheduler_config)
 
     def use_scheduler(self, name: str) -> None:
-        """Switch the sampler ("pndm", "dpm", "ddim" or "euler"), keeping the model's noise schedule."""
+        """Switch the sampler (a name in `schedulers.SCHEDULERS`), keeping the model's noise schedule."""
         if scheduler_name(self.scheduler) != name:
             self.scheduler = make_scheduler(name, self._base_scheduler_config)
 

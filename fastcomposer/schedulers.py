@@ -8,8 +8,10 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     SchedulerMixin,
+    TCDScheduler,
 )
 
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -23,6 +25,12 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     # (SD1.5's own scheduler file sets it False, our bundled config leaves it unset).
     "ddim": (DDIMScheduler, {"clip_sample": False}),
     "euler": (EulerDiscreteScheduler, {}),
+    # Few-step samplers for distilled LoRAs, at 2-8 steps. LCM (for LCM-LoRA; guidance 1-2) re-noises the
+    # predicted image at every step with the call's generator. TCD (for TCD-LoRA and Hyper-SD) takes
+    # `eta` (gamma, its own default 0.3; 0 is deterministic) in `step`. Both pick their timesteps from a
+    # 50-step distillation schedule, evenly from t=999 down, so they allow at most 50 steps.
+    "lcm": (LCMScheduler, {"original_inference_steps": 50}),
+    "tcd": (TCDScheduler, {"original_inference_steps": 50}),
 }
 
 SCHEDULER_LABELS = {
@@ -30,16 +38,23 @@ SCHEDULER_LABELS = {
     "dpm": "DPM++ 2M (fast, 25 steps)",
     "ddim": "DDIM",
     "euler": "Euler",
+    "lcm": "LCM (needs an LCM-LoRA; 4-8 steps, guidance 1-2)",
+    "tcd": "TCD (needs a TCD or Hyper-SD LoRA; 4-8 steps)",
 }
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
-    """Build sampler `name` ("pndm", "dpm", "ddim" or "euler") from a diffusers scheduler config."""
+    """Build sampler `name` (a key of `SCHEDULERS`) from a diffusers scheduler config."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     return cls.from_config({**config, **overrides})
+
+
+def max_steps(name: str) -> int | None:
+    """The most steps sampler `name` can take (the few-step samplers' distillation schedule), or None."""
+    return SCHEDULERS[name][1].get("original_inference_steps") if name in SCHEDULERS else None
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

@@ -35,7 +35,7 @@ def record_unet_conditions(pipe, monkeypatch) -> list[torch.Tensor]:
     return calls
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "dpm"])
+@pytest.mark.parametrize("scheduler", ["pndm", "dpm", "lcm", "tcd"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.75, 1.0])
 def test_delayed_conditioning_switch(tiny_pipe, face, monkeypatch, scheduler, alpha):
     steps = 50
