@@ -8,7 +8,7 @@ this script's run:
     best_flags  --dtype bf16 --scheduler dpm --steps 20    the fastest flags that existed before
     fast        --preset fast           (auto dtype: bf16 on CPUs with native bf16)
 
-    python benchmarks/bench_startup.py --prepare     # once: /tmp/fastcomposer-bench/converted (fp32)
+    python benchmarks/bench_startup.py --prepare     # once: /tmp/fastcomposer-bench/converted-fp32
     python benchmarks/bench_cli.py                   # about 5 minutes on 2 cores
 """
 
@@ -33,7 +33,7 @@ RUNS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default="/tmp/fastcomposer-bench/converted", help="a converted folder")
+    parser.add_argument("--weights", default="/tmp/fastcomposer-bench/converted-fp32", help="a converted folder")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
     args = parser.parse_args()

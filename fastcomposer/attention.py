@@ -175,24 +175,31 @@ def capture_attention(
 # -- drawing -----------------------------------------------------------------------------------------------
 
 def normalise(maps: torch.Tensor) -> np.ndarray:
-    """(k, h, w) -> float32 in [0, 1], each map divided by its own peak (a flat zero map stays zero)."""
+    """(k, h, w) -> float32 in [0, 1], each map stretched from its own minimum to its own peak (a flat map -> 0).
+
+    Attention to a token is spread thinly over the whole image; stretching shows where it is relatively strong.
+    """
     array = maps.float().clamp(min=0).numpy()
-    peaks = array.reshape(array.shape[0], -1).max(axis=1).reshape(-1, 1, 1)
-    return np.where(peaks > 0, array / np.maximum(peaks, 1e-12), 0.0).astype(np.float32)
+    flat = array.reshape(array.shape[0], -1)
+    low, high = flat.min(axis=1).reshape(-1, 1, 1), flat.max(axis=1).reshape(-1, 1, 1)
+    span = high - low
+    return np.where(span > 0, (array - low) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
 
 
 def overlay(
-    image: PIL.Image.Image, maps: torch.Tensor, words: Sequence[str], strength: float = 0.65
+    image: PIL.Image.Image, maps: torch.Tensor, words: Sequence[str], strength: float = 0.7
 ) -> PIL.Image.Image:
-    """The image with each subject's map (k, h, w) tinted in its colour, and a legend naming each subject."""
+    """The image tinted, at each pixel, in the colour of the subject that attends there most, as strongly as it
+    does; with a legend naming each subject. `maps` is (k, h, w)."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width = base.shape[:2]
-    out = base.copy()
-    for k, m in enumerate(normalise(maps)):
-        up = np.asarray(PIL.Image.fromarray(m).resize((width, height), PIL.Image.Resampling.BILINEAR))
-        weight = (strength * np.clip(up, 0, 1))[..., None]
-        colour = np.array(SUBJECT_COLOURS[k % len(SUBJECT_COLOURS)], dtype=np.float32)
-        out = out * (1 - weight) + colour * weight
+    stretched = [np.asarray(PIL.Image.fromarray(m).resize((width, height), PIL.Image.Resampling.BILINEAR))
+                 for m in normalise(maps)]
+    stack = np.clip(np.stack(stretched), 0, 1)  # (k, H, W)
+    winner = stack.argmax(axis=0)
+    weight = (strength * stack.max(axis=0))[..., None]
+    colours = np.array([SUBJECT_COLOURS[k % len(SUBJECT_COLOURS)] for k in range(len(stack))], dtype=np.float32)
+    out = base * (1 - weight) + colours[winner] * weight
     tinted = PIL.Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     return with_legend(tinted, words)
 
