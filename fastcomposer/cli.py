@@ -97,14 +97,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationError, GenerationRequest, generate, prepare_subjects, validate
     from .images import ImageError, load_image
     from .loader import load_pipeline
+    from .messages import PhotoRef, message_for
     from .metadata import save_png
     from .prompt import load_tokenizer
 
-    # 1. Read the photos safely (plain-words errors for bad files)
+    # 1. Read the photos safely (plain-words errors for bad files, naming the file as given)
+    photos = [PhotoRef(f"photo {k + 1}", path) for k, path in enumerate(args.image)]
     try:
-        images = [load_image(path, name=f"--image {path}") for path in args.image]
+        images = [load_image(photo.path, name=photo) for photo in photos]
     except ImageError as e:
-        raise UserError(str(e)) from None
+        raise UserError(e.message_for("cli")) from None
 
     d = SETTINGS.defaults
     default_steps = d.dpm_steps if args.scheduler == "dpm" else d.num_inference_steps
@@ -120,9 +122,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         if not args.base_model:
             validate(request, load_tokenizer(), CLI_LIMITS)
-        subjects = prepare_subjects(images, request.face_crop)
+        subjects = prepare_subjects(images, request.face_crop, names=photos)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
 
     # 3. Load the model
     from .checkpoint import CheckpointError
@@ -134,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
             safety_checker=not args.no_safety_checker, base_model=args.base_model, image_encoder=args.image_encoder,
         )
     except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise UserError(message_for(e, "cli").splitlines()[0]) from None
     if args.height is None or args.width is None:  # the model's own default size, as the original
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         request = replace(request, height=args.height or size, width=args.width or size)
@@ -147,7 +149,7 @@ def run_generate(args: argparse.Namespace) -> int:
         on_step = progress if args.verbose else None
         result = generate(pipe, request, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)
     except GenerationError as e:
-        raise UserError(str(e)) from None
+        raise UserError(e.message_for("cli")) from None
     paths = output_paths(args.output, len(result.images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, record, path in zip(result.images, result.records, paths):
@@ -162,6 +164,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .architecture import build_modules, bundled_architecture, with_overrides
     from .checkpoint import CheckpointError, load_into_modules, read_state_dict
     from .loader import assemble
+    from .messages import message_for
     from .weights import ResolvedWeights, write_provenance
 
     source, out = Path(args.input), Path(args.output)
@@ -175,7 +178,7 @@ def run_convert(args: argparse.Namespace) -> int:
         dtype = None if args.dtype == "same" else DTYPES[args.dtype]
         load_into_modules(modules, read_state_dict(source), dtype=dtype, source=f"checkpoint {source.name}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
     pipe = assemble(modules, arch)
     pipe.save_pretrained(out, safe_serialization=True)
     write_provenance(out, ResolvedWeights("checkpoint", source, "local file"))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .messages import PhotoRef, UserFacingError, Wording
 from .weights import cache_dir as _cache_root
 
 logger = logging.getLogger(__name__)
@@ -87,21 +88,34 @@ class FaceCrop:
     detector: str  # "retinaface" or "opencv"
 
 
-class NoFaceFoundError(ValueError):
-    """No face in a reference photo; the message names the photo and the two ways out."""
+class NoFaceFoundError(UserFacingError, ValueError):
+    """No face in a reference photo; the message names the photo and the two ways out, for each audience."""
 
-    def __init__(self, name: str = "the photo"):
-        self.name = name
-        super().__init__(
-            f"No face found in {name}. Use a photo where the face is visible and front-facing, "
-            "or turn off face crop to use the whole photo."
-        )
+    WORDING = Wording(
+        page="No face found in {photo}. Use a photo where the face is visible and front-facing, or tick "
+        "'Use whole photo' under {photo} to use it uncropped.",
+        cli="No face found in {photo}. Use a photo where the face is visible and front-facing, or pass "
+        "--no-face-crop to use the whole photo.",
+        api="No face found in {photo}. Use a photo where the face is visible and front-facing, or turn off face "
+        "crop (`face_crop=False`) to use the whole photo.",
+    )
+
+    def __init__(self, name: str | PhotoRef = "the photo"):
+        super().__init__(self.WORDING, name)
+        self.name = self.photo.name
 
 
-class FaceDetectorUnavailableError(ValueError):
+class FaceDetectorUnavailableError(UserFacingError, ValueError):
     """No detector could be built at all; the message says how to fix it or to turn face crop off."""
 
 
+# Why no detector could be built and the fix where the app is installed; then the way out for the user.
+_NO_DETECTOR = Wording(
+    page="Face crop is unavailable on this server: {problem} (the fix there: {fix}); {no_face_crop} to use "
+    "whole photos",
+    cli="{problem}; {fix}, or {no_face_crop} to use whole photos",
+    api="{problem}; {fix}, or {no_face_crop} to use whole photos",
+)
 class FaceWeightsError(RuntimeError):
     """RetinaFace's weights could not be had or failed their integrity check."""
 
@@ -252,8 +266,8 @@ def _load_cascades() -> list[tuple[str, object]]:
     if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
         # OpenCV 5 dropped the cascade classifier and its data files: requirements.txt pins 4.x.
         raise FaceDetectorUnavailableError(
-            f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5); install opencv-python<5, "
-            "or turn face crop off to use whole photos"
+            _NO_DETECTOR, problem=f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5)",
+            fix="install opencv-python<5",
         )
     cascades = []
     for name in HAAR_CASCADES:
@@ -262,7 +276,8 @@ def _load_cascades() -> list[tuple[str, object]]:
             cascades.append((name, cascade))
     if not cascades:
         raise FaceDetectorUnavailableError(
-            "OpenCV's bundled Haar cascades are missing; reinstall opencv-python 4.x, or turn face crop off"
+            _NO_DETECTOR, problem="OpenCV's bundled Haar cascades are missing",
+            fix="reinstall opencv-python 4.x",
         )
     return cascades
 
@@ -364,12 +379,13 @@ class FaceCropper:
             )
             self._model, self._name = _load_cascades(), "opencv"
 
-    def crop(self, image: Image.Image, name: str = "the photo", margin: float | None = None) -> FaceCrop:
+    def crop(self, image: Image.Image, name: str | PhotoRef = "the photo", margin: float | None = None) -> FaceCrop:
         """Crop the largest face in `image` with its head and some shoulders.
 
         Args:
             image: the reference photo, already loaded (any mode; it is converted to RGB).
-            name: how error messages refer to the photo, e.g. "photo 2".
+            name: how error messages refer to the photo, e.g. "photo 2" (a `PhotoRef` also gives its path, which
+                only the command line's wording shows).
             margin: crop side over face size for this photo (see `square_box`); None uses the cropper's. From
                 MARGIN_TIGHT_FACE (1.4, a tight face) to MARGIN_HEAD_AND_SHOULDERS (3.2) is the sensible range.
 
@@ -408,7 +424,10 @@ def default_cropper() -> FaceCropper:
 
 
 def crop_subject(
-    image: Image.Image, name: str = "the photo", cropper: FaceCropper | None = None, margin: float | None = None
+    image: Image.Image,
+    name: str | PhotoRef = "the photo",
+    cropper: FaceCropper | None = None,
+    margin: float | None = None,
 ) -> FaceCrop:
     """Crop the subject in `image` with `cropper`, or the process-wide default one (see FaceCropper.crop)."""
     return (cropper or default_cropper()).crop(image, name, margin)
