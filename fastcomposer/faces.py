@@ -11,7 +11,8 @@ centred a little below the face so the crop holds more shoulders than background
 
 Detectors: facexlib's RetinaFace (ResNet-50) when its weights can be had (downloaded once from the
 facexlib release, sha256-checked, loaded with weights_only=True); otherwise OpenCV's Haar cascades,
-which ship inside opencv-python and so work offline.
+which ship inside opencv-python and so work offline, with a second, finer pass for faces small in a large
+photo (see OPENCV_FINE_MAX_SIDE).
 """
 
 from __future__ import annotations
