@@ -70,6 +70,7 @@ def create_demo(
     from fastcomposer.generation import GenerationError, GenerationRequest, free_memory, generate, validate
     from fastcomposer.hints import prompt_hint
     from fastcomposer.images import ImageError, load_image
+    from fastcomposer.messages import message_for
     from fastcomposer.metadata import read_record
     from fastcomposer.prompt import load_tokenizer
 
@@ -95,16 +96,15 @@ def create_demo(
         return image, crop.image, f"{name}: face found ✓{note}"
 
     def subject_or_error(k: int, path: str, face_crop: bool, whole: bool):
-        """`load_subject` for a generation: every problem becomes a gr.Error naming the photo."""
+        """`load_subject` for a generation: every problem becomes a gr.Error naming the photo (never its path)."""
         try:
             return load_subject(k, path, face_crop, whole)
         except ImageError as e:
-            raise gr.Error(str(e), title="Photo problem") from None
+            raise gr.Error(e.message_for("page"), title="Photo problem") from None
         except NoFaceFoundError as e:
-            raise gr.Error(f"{e} Tick 'Use whole photo' under photo {k + 1} to use it uncropped.",
-                           title="No face found") from None
+            raise gr.Error(e.message_for("page"), title="No face found") from None
         except ValueError as e:  # no detector at all (e.g. OpenCV 5 installed): the message says what to do
-            raise gr.Error(str(e), title="Face crop unavailable") from None
+            raise gr.Error(message_for(e, "page"), title="Face crop unavailable") from None
 
     # -- event handlers ---------------------------------------------------------------------------------
 
@@ -116,12 +116,12 @@ def create_demo(
             _, seen, status = load_subject(k, path, face_crop, whole)
             return seen, status, gr.update(visible=whole, value=whole)
         except ImageError as e:
-            return None, f"✗ {e}", gr.update(visible=False)
+            return None, f"✗ {e.message_for('page')}", gr.update(visible=False)
         except NoFaceFoundError:
             status = f"✗ no face found in photo {k + 1}: tick 'Use whole photo' or try a clearer photo"
             return load_image(path, limits=limits), status, gr.update(visible=True)
         except ValueError as e:
-            return None, f"✗ {e}", gr.update(visible=True)
+            return None, f"✗ {message_for(e, 'page')}", gr.update(visible=True)
 
     def hint(prompt: str, *files: str | None) -> str:
         count = len(photos_of(list(files)))
@@ -157,7 +157,7 @@ def create_demo(
             gen_request.images = [None] * len(photos)  # count only; validated again with real images
             validate(gen_request, tokenizer, limits)
         except GenerationError as e:
-            raise gr.Error(str(e), title="Check the prompt and settings") from None
+            raise gr.Error(e.message_for("page"), title="Check the prompt and settings") from None
         # 2. Photos: safe decode, face crop (or whole photo)
         loaded = [subject_or_error(k, path, bool(face_crop), bool(wholes[k])) for k, path in photos]
         gen_request.images = [image for image, _, _ in loaded]
@@ -174,7 +174,7 @@ def create_demo(
             result = run(get_pipeline(), gen_request, subjects, on_step, stop)
         except GenerationError as e:
             free_memory()
-            raise gr.Error(str(e), title="Could not generate") from None
+            raise gr.Error(e.message_for("page"), title="Could not generate") from None
         finally:
             if stops.get(session) is stop:
                 del stops[session]
@@ -309,6 +309,7 @@ def load_or_preview(args: argparse.Namespace) -> tuple[object, str | None]:
     """The real pipeline, or the tiny preview model plus a banner that says why and how to fix it."""
     from fastcomposer.checkpoint import CheckpointError
     from fastcomposer.loader import load_pipeline
+    from fastcomposer.messages import message_for
     from fastcomposer.weights import WeightsUnavailableError
 
     safety = not (args.no_safety_checker or os.environ.get("FASTCOMPOSER_DISABLE_SAFETY") == "1")
@@ -323,7 +324,7 @@ def load_or_preview(args: argparse.Namespace) -> tuple[object, str | None]:
         return load_pipeline(args.weights, safety_checker=safety, compile=args.compile, **common), None
     except (WeightsUnavailableError, CheckpointError) as e:
         logger.error("real weights unavailable: %s", e)
-        reason = str(e)
+        reason = message_for(e, "page")  # the page's wording: no paths on a page
     # The reason names what is missing (the checkpoint or the safety checker) and how to supply it.
     return load_pipeline("tiny", safety_checker=False, **common), (
         f"The real model could not be loaded, so this page runs on tiny random weights and images are noise. "

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .messages import UserFacingError, Wording, escape
+
 logger = logging.getLogger(__name__)
 
 # Old diffusers (<= 0.16) names of the VAE mid-block attention, and their current names.
@@ -34,8 +36,13 @@ _VAE_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_
 _DROPPED_KEYS = {"text_encoder.embeddings.position_ids", "image_encoder.vision_model.embeddings.position_ids"}
 
 
-class CheckpointError(ValueError):
-    """The file is not a FastComposer checkpoint we can load; the message names the file and the keys."""
+class CheckpointError(UserFacingError, ValueError):
+    """The file is not a FastComposer checkpoint we can load; the message names the file and the keys. The page's
+    wording (the app's preview banner) names the file without its folder: paths must not reach web users."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        page = message.replace(str(path), path.name) if path is not None else message
+        super().__init__(Wording(page=escape(page), cli=escape(message), api=escape(message)))
 
 
 def sha256_of(path: str | Path, chunk_size: int = 1 << 24) -> str:
@@ -59,13 +66,13 @@ def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file", path)
     if expected_sha256:
         actual = sha256_of(path)
         if actual.lower() != expected_sha256.lower():
             raise CheckpointError(
                 f"checkpoint {path} has sha256 {actual}, expected {expected_sha256}: the file is damaged, "
-                "partial or a different file; download it again"
+                "partial or a different file; download it again", path
             )
     try:
         if path.suffix == ".safetensors":
@@ -76,16 +83,16 @@ def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
         # weights_only refused an object that is not a tensor or container: maybe malicious, never run it.
         raise CheckpointError(
             f"checkpoint {path} contains Python objects other than tensors, so it was not loaded "
-            f"(safe loading refused: {str(e).splitlines()[0][:200]})"
+            f"(safe loading refused: {str(e).splitlines()[0][:200]})", path
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it complete?"
+            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it complete?", path
         ) from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]  # a training-checkpoint wrapper
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"checkpoint {path} is not a flat dictionary of tensors")
+        raise CheckpointError(f"checkpoint {path} is not a flat dictionary of tensors", path)
     return state_dict
 
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import SETTINGS
+from .messages import message_for
 from .presets import PRESETS, default_steps
 from .schedulers import SCHEDULERS
 
@@ -150,13 +151,22 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 
 def load_subject_photos(values: list[str]):
-    """--image values -> per subject, its photos (safely loaded). Raises UserError for a bad file."""
-    from .images import ImageError, load_image
+    """--image values -> per subject, its photos (safely loaded) and how messages name each (with its path).
 
+    Raises UserError for a bad file, naming the file as given.
+    """
+    from .images import ImageError, load_image
+    from .messages import PhotoRef
+
+    names = []
+    for k, value in enumerate(values):
+        paths = split_images(value)
+        names.append([PhotoRef(f"photo {k + 1}" if len(paths) == 1 else f"photo {j + 1} of subject {k + 1}", path)
+                      for j, path in enumerate(paths)])
     try:
-        return [[load_image(path, name=f"--image {path}") for path in split_images(value)] for value in values]
+        return [[load_image(ref.path, name=ref) for ref in group] for group in names], names
     except ImageError as e:
-        raise UserError(str(e)) from None
+        raise UserError(e.message_for("cli")) from None
 
 
 def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha: float):
@@ -186,7 +196,7 @@ def load_model(args: argparse.Namespace):
             loras=args.lora,
         )
     except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:  # OSError: a damaged folder
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise UserError(message_for(e, "cli").splitlines()[0]) from None
 
 
 def with_model_size(request, pipe, args: argparse.Namespace):
@@ -206,7 +216,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .sweep import parse_alphas as check_sweep
 
     # 1. Read the photos safely (plain-words errors for bad files); one --image per subject
-    images = load_subject_photos(args.image)
+    images, names = load_subject_photos(args.image)
     alphas = parse_alphas(args.alpha)
     request = request_from_args(args, args.prompt, images, alphas[0])
 
@@ -218,9 +228,9 @@ def run_generate(args: argparse.Namespace) -> int:
             validate(request, load_tokenizer(), CLI_LIMITS)
         for spec in args.lora:  # a malformed --lora fails before any model work
             parse_lora_spec(spec)
-        subjects = prepare_subjects(images, request.face_crop)
+        subjects = prepare_subjects(images, request.face_crop, names=names)
     except ValueError as e:  # LoraError is a ValueError too
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
 
     # 3. Load the model
     pipe = load_model(args)
@@ -241,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> int:
             results = alpha_sweep(pipe, request, alphas, subjects=subjects, on_step=on_step, limits=CLI_LIMITS)
             paths = sweep_paths(args.output, alphas, request.num_images)
     except GenerationError as e:
-        raise UserError(str(e)) from None
+        raise UserError(e.message_for("cli")) from None
 
     # 5. Save: every image with its settings, attention overlays beside them, the sweep's grid
     paths[0][0].parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +325,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         device = str(pick_device(args.device))
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
     settings = EvaluationSettings(
         num_images=args.num_images, seeds=args.seeds, alphas=args.alpha, num_inference_steps=args.steps,
         guidance_scale=args.guidance, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
@@ -334,7 +344,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 image_encoder=args.image_encoder, loras=args.lora,
             )
         except (WeightsUnavailableError, CheckpointError, OSError, ValueError) as e:
-            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise UserError(message_for(e, "cli").splitlines()[0]) from None
 
     try:
         result = evaluate(args.cases, args.output, settings, load, limits=CLI_LIMITS, device=device)
@@ -349,6 +359,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .architecture import build_modules, bundled_architecture, with_overrides
     from .checkpoint import CheckpointError, load_into_modules, read_state_dict
     from .loader import assemble
+    from .messages import message_for
     from .weights import ResolvedWeights, write_provenance
 
     source, out = Path(args.input), Path(args.output)
@@ -362,7 +373,7 @@ def run_convert(args: argparse.Namespace) -> int:
         dtype = None if args.dtype == "same" else DTYPES[args.dtype]
         load_into_modules(modules, read_state_dict(source), dtype=dtype, source=f"checkpoint {source.name}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
     pipe = assemble(modules, arch)
     pipe.save_pretrained(out, safe_serialization=True)
     write_provenance(out, ResolvedWeights("checkpoint", source, "local file"))

@@ -3,7 +3,9 @@
     request -> validate (limits, subject count) -> face crops -> seed -> pipeline -> PNGs with settings
 
 Everything a user can get wrong raises `GenerationError` with a message that names the problem and
-the fix, before any model work starts.
+the fix, before any model work starts; each message reads right on the page, the command line and in
+Python (`message_for`, see messages.py): settings are named as each knows them (`{num_inference_steps}` is
+"steps", "--steps" or "`num_inference_steps`").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from . import __version__
 from .attention import overlay
 from .config import SETTINGS, Limits
+from .messages import PhotoRef, UserFacingError, Wording
 from .metadata import GenerationRecord, with_metadata
 from .previews import latents_to_rgb
 from .prompt import ParsedPrompt, parse_prompt, subject_words
@@ -28,11 +31,40 @@ from .schedulers import SCHEDULERS, max_steps
 
 logger = logging.getLogger(__name__)
 
-OOM_MESSAGE = "out of memory: try fewer images, fewer steps or a smaller size"
+OOM_MESSAGE = "out of memory: try fewer images, fewer steps or a smaller size"  # the page's wording of OUT_OF_MEMORY
+OUT_OF_MEMORY = Wording(
+    page=OOM_MESSAGE,
+    cli="out of memory: try fewer --num-images, fewer --steps or a smaller --width/--height",
+    api="out of memory: try a smaller `num_images`, `num_inference_steps` or `height`/`width`",
+)
+# The subject count: the page's photo slots, the command line's --image flags, Python's `images` list.
+TOO_FEW_PHOTOS = Wording(
+    page="add at least one subject photo",
+    cli="give at least one subject photo with --image",
+    api="`images` is empty; pass at least one subject photo",
+)
+TOO_MANY_PHOTOS = Wording(
+    page="{n} photos were given; at most {limit} subjects are supported",
+    cli="{n} --image photos were given; at most {limit} subjects are supported",
+    api="`images` holds {n} photos; at most {limit} subjects are supported",
+)
+COUNT_MISMATCH = Wording(
+    page="{markers} subject(s) in the prompt but {n} photo(s): {fix} (write `img` after each subject word, one per "
+    "photo, in photo order)",
+    cli="{markers} subject(s) in the prompt but {n} photo(s): {fix} (write `img` after each subject word, one per "
+    "--image, in the same order)",
+    api="{markers} subject(s) in the prompt but {n} photo(s) in `images`: {fix} (write `img` after each subject "
+    "word, one per photo, in the same order)",
+)
+ADD_A_PHOTO = Wording("add a photo or remove an `img`", "add an --image or remove an `img`",
+                      "add a photo to `images` or remove an `img`")
+REMOVE_A_PHOTO = Wording("remove a photo or add `img` after a subject word",
+                         "drop an --image or add `img` after a subject word",
+                         "remove a photo from `images` or add `img` after a subject word")
 
 
-class GenerationError(ValueError):
-    """A request that cannot run as given; the message is safe to show to the user."""
+class GenerationError(UserFacingError, ValueError):
+    """A request that cannot run as given; `message_for(audience)` words it for the page, CLI or Python."""
 
 
 @dataclass
@@ -88,41 +120,49 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     """
     r = request
 
-    def need(ok: bool, message: str) -> None:
+    def need(ok: bool, template: str | Wording, **facts: object) -> None:
+        """Raise unless `ok`. `template` is a messages.py template: values go in `facts`, never into the string."""
         if not ok:
-            raise GenerationError(message)
+            raise GenerationError(Wording.same(template) if isinstance(template, str) else template, **facts)
 
     need(isinstance(r.prompt, str) and r.prompt.strip() != "",
-         "the prompt is empty; describe the scene, with `img` after each subject word")
+         "{prompt} is empty; describe the scene, with `img` after each subject word")
     need(len(r.prompt) <= limits.max_prompt_chars,
-         f"the prompt is {len(r.prompt)} characters; the limit is {limits.max_prompt_chars}")
-    need(r.negative_prompt is None or isinstance(r.negative_prompt, str), "the negative prompt must be text")
+         "{prompt} is {n} characters; the limit is {limit}", n=len(r.prompt), limit=limits.max_prompt_chars)
+    need(r.negative_prompt is None or isinstance(r.negative_prompt, str), "{negative_prompt} must be text")
     need(r.negative_prompt is None or len(r.negative_prompt) <= limits.max_prompt_chars,
-         f"the negative prompt is too long; the limit is {limits.max_prompt_chars} characters")
+         "{negative_prompt} is too long; the limit is {limit} characters", limit=limits.max_prompt_chars)
     need(_is_int(r.num_inference_steps) and limits.min_steps <= r.num_inference_steps <= limits.max_steps,
-         f"steps must be a whole number from {limits.min_steps} to {limits.max_steps}, got {r.num_inference_steps}")
+         "{num_inference_steps} must be a whole number from {lo} to {hi}, got {value}",
+         lo=limits.min_steps, hi=limits.max_steps, value=r.num_inference_steps)
     need(_is_int(r.num_images) and 1 <= r.num_images <= limits.max_images_per_run,
-         f"images per run must be a whole number from 1 to {limits.max_images_per_run}, got {r.num_images}")
-    need(isinstance(r.alpha, (int, float)) and 0.0 <= r.alpha <= 1.0, f"alpha must be between 0 and 1, got {r.alpha}")
+         "{num_images} must be a whole number from 1 to {hi}, got {value}",
+         hi=limits.max_images_per_run, value=r.num_images)
+    need(isinstance(r.alpha, (int, float)) and 0.0 <= r.alpha <= 1.0, "{alpha} must be between 0 and 1, got {value}",
+         value=r.alpha)
     need(isinstance(r.guidance_scale, (int, float)) and limits.min_guidance <= r.guidance_scale <= limits.max_guidance,
-         f"guidance must be between {limits.min_guidance} and {limits.max_guidance}, got {r.guidance_scale}")
+         "{guidance_scale} must be between {lo} and {hi}, got {value}",
+         lo=limits.min_guidance, hi=limits.max_guidance, value=r.guidance_scale)
     need(_is_int(r.seed) and (r.seed == -1 or 0 <= r.seed <= limits.max_seed),
-         f"seed must be -1 (random) or a whole number from 0 to {limits.max_seed}, got {r.seed}")
-    need(r.scheduler in SCHEDULERS, f"unknown sampler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+         "{seed} must be -1 (random) or a whole number from 0 to {hi}, got {value}", hi=limits.max_seed, value=r.seed)
+    need(r.scheduler in SCHEDULERS, "unknown {scheduler} {value!r}; choose one of {choices}",
+         value=r.scheduler, choices=", ".join(SCHEDULERS))
     need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,
-         f"the cache interval must be a whole number from 1 (off) to {limits.max_cache_interval}, "
-         f"got {r.cache_interval}")
+         "{cache_interval} must be a whole number from 1 (off) to {hi}, got {value}",
+         hi=limits.max_cache_interval, value=r.cache_interval)
     need(max_steps(r.scheduler) is None or r.num_inference_steps <= max_steps(r.scheduler),
-         f"the {r.scheduler} sampler takes at most {max_steps(r.scheduler)} steps (it is made for 2-8)")
+         "the {name} sampler takes at most {hi} steps (it is made for 2-8); lower {num_inference_steps}",
+         name=r.scheduler, hi=max_steps(r.scheduler))
     for side_name, side in (("height", r.height), ("width", r.width)):
         need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
-             f"{side_name} must be a multiple of {limits.size_multiple} from {limits.min_side} to "
-             f"{limits.max_side}, got {side}")
+             f"{{{side_name}}} must be a multiple of {{multiple}} from {{lo}} to {{hi}}, got {{value}}",
+             multiple=limits.size_multiple, lo=limits.min_side, hi=limits.max_side, value=side)
     units = r.num_images * r.num_inference_steps * (r.height * r.width) / (512 * 512)
     need(units <= limits.max_compute_units,
-         f"this request is too large ({r.num_images} images x {r.num_inference_steps} steps at "
-         f"{r.width}x{r.height}); use fewer images, fewer steps or a smaller size (limit: "
-         f"{limits.max_compute_units:g} image-steps at 512x512)")
+         "this request is too large ({n} images x {steps} steps at {width_px}x{height_px}); use fewer "
+         "{num_images}, fewer {num_inference_steps} or a smaller size (limit: {limit} image-steps at 512x512)",
+         n=r.num_images, steps=r.num_inference_steps, width_px=r.width, height_px=r.height,
+         limit=f"{limits.max_compute_units:g}")
 
     try:
         parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
@@ -132,19 +172,13 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     for k, item in enumerate(r.images):
         count = 1 if item is None or isinstance(item, PIL.Image.Image) else len(item)
         need(1 <= count <= limits.max_photos_per_subject,
-             f"subject {k + 1} has {count} photos; give 1 to {limits.max_photos_per_subject} photos per subject")
-    need(n_images >= 1, "add at least one subject photo")
-    need(n_images <= limits.max_subjects,
-         f"{n_images} photos were given; at most {limits.max_subjects} subjects are supported")
+             "subject {k} has {n} photos; give 1 to {limit} photos per subject",
+             k=k + 1, n=count, limit=limits.max_photos_per_subject)
+    need(n_images >= 1, TOO_FEW_PHOTOS)
+    need(n_images <= limits.max_subjects, TOO_MANY_PHOTOS, n=n_images, limit=limits.max_subjects)
     if parsed.num_subjects != n_images:
-        if parsed.num_subjects > n_images:
-            fix = "add a photo or remove an `img`"
-        else:
-            fix = "remove a photo or add `img` after a subject word"
-        raise GenerationError(
-            f"{parsed.num_subjects} subject(s) in the prompt but {n_images} photo(s): {fix} "
-            "(write `img` after each subject word, one per photo, in photo order)"
-        )
+        fix = ADD_A_PHOTO if parsed.num_subjects > n_images else REMOVE_A_PHOTO
+        raise GenerationError(COUNT_MISMATCH, markers=parsed.num_subjects, n=n_images, fix=fix)
     return parsed
 
 
@@ -154,17 +188,31 @@ def photo_groups(images: Sequence) -> list[list[PIL.Image.Image]]:
 
 
 def prepare_subjects(
-    images: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]], face_crop: bool, crop_fn: Callable | None = None
+    images: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]],
+    face_crop: bool,
+    crop_fn: Callable | None = None,
+    names: Sequence[str | PhotoRef | Sequence[str | PhotoRef]] | None = None,
 ) -> list[list[PIL.Image.Image]]:
-    """Per subject, the images the encoder will see: face crops (default) or the photos as they are."""
+    """Per subject, the images the encoder will see: face crops (default) or the photos as they are.
+
+    `names` say how messages refer to each photo, per subject one name or one per photo ("photo 1", or "photo 2 of
+    subject 1" when a subject has several, by default); a `PhotoRef` with the file's path lets the command line's
+    wording name the file.
+    """
     groups = photo_groups(images)
     if not face_crop:
         return groups
     if crop_fn is None:
         from .faces import crop_subject as crop_fn
 
-    def name(k: int, j: int, group: list) -> str:
+    def default(k: int, j: int, group: list) -> str:
         return f"photo {k + 1}" if len(group) == 1 else f"photo {j + 1} of subject {k + 1}"
+
+    def name(k: int, j: int, group: list):
+        if names is None:
+            return default(k, j, group)
+        given = names[k]
+        return given[j] if isinstance(given, (list, tuple)) else given
 
     return [[crop_fn(image, name=name(k, j, group)).image for j, image in enumerate(group)]
             for k, group in enumerate(groups)]
@@ -206,7 +254,9 @@ def generate(
     if subjects is None:
         try:
             subjects = prepare_subjects(request.images, request.face_crop, crop_fn)
-        except ValueError as e:  # NoFaceFoundError is a ValueError with a user-facing message
+        except UserFacingError as e:  # NoFaceFoundError: keep its wording for every audience
+            raise GenerationError(e.wording, e.photo, **e.facts) from None
+        except ValueError as e:  # from a custom crop_fn
             raise GenerationError(str(e)) from None
     subjects = photo_groups(subjects)
 
@@ -257,7 +307,7 @@ def generate(
         out = None  # leave the except block first so the traceback's tensors can be freed
     if out is None:
         free_memory()
-        raise GenerationError(OOM_MESSAGE)
+        raise GenerationError(OUT_OF_MEMORY)
 
     # 5. Attach the settings to every image
     base = GenerationRecord(

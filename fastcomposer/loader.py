@@ -17,6 +17,7 @@ from . import config
 from .architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
 from .checkpoint import load_into_modules, read_state_dict
 from .lora import LoraSpec, apply_loras, lora_file, parse_lora_spec
+from .messages import SETTING_NAMES, UserFacingError, Wording
 from .pipeline import FastComposerPipeline
 from .presets import get_preset
 from .prompt import load_tokenizer
@@ -35,6 +36,27 @@ from .weights import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SetupError(UserFacingError, ValueError):
+    """A device or dtype that cannot be used here; named by flag on the command line and the page (where they are
+    the app's start-up flags), by argument in Python."""
+
+
+NO_DEVICE = Wording(
+    page="--device {value} was asked for but {missing} is not available; use --device cpu",
+    cli="--device {value} was asked for but {missing} is not available; use --device cpu",
+    api="`device='{value}'` was asked for but {missing} is not available; use `device='cpu'`",
+)
+UNKNOWN_CHOICE = Wording.same("unknown {setting} {value!r}; choose {choices}")
+SAFETY_CHECKER_MISSING = Wording(
+    page="the safety checker ({repo}, ~1.2 GB) could not be loaded ({error}). Connect the server to the internet "
+    "once so it can be downloaded, or start the app with --no-safety-checker (FASTCOMPOSER_DISABLE_SAFETY=1)",
+    cli="the safety checker ({repo}, ~1.2 GB) could not be loaded ({error}). Connect to the internet once so it "
+    "can be downloaded, or run without it with --no-safety-checker",
+    api="the safety checker ({repo}, ~1.2 GB) could not be loaded ({error}). Connect to the internet once so it "
+    "can be downloaded, or load without it with `safety_checker=False`",
+)
 
 
 def cast(pipe: FastComposerPipeline, dtype: torch.dtype) -> FastComposerPipeline:
@@ -106,11 +128,12 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise SetupError(NO_DEVICE, value="cuda", missing="a CUDA GPU")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but Apple's MPS is not available; use --device cpu")
+        raise SetupError(NO_DEVICE, value="mps", missing="Apple's MPS")
     if device not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+        raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["device"], value=device,
+                         choices="auto, cpu, cuda or mps")
     return torch.device(device)
 
 
@@ -145,7 +168,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, fp16 or bf16")
+        raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["dtype"], value=dtype,
+                         choices="auto, fp32, fp16 or bf16")
     if dtype == "fp16" and device.type == "cpu":
         logger.warning("fp16 on the CPU is very slow; consider --dtype fp32 or bf16")
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
@@ -167,11 +191,8 @@ def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
             config.SAFETY_CHECKER_REPO, revision=revision, dtype=dtype, local_files_only=not allow_download
         )
     except Exception as e:
-        raise WeightsUnavailableError(
-            f"the safety checker ({config.SAFETY_CHECKER_REPO}, ~1.2 GB) could not be loaded "
-            f"({type(e).__name__}). Connect to the internet once so it can be downloaded, or run without it "
-            "with --no-safety-checker (FASTCOMPOSER_DISABLE_SAFETY=1 for the app)."
-        ) from e
+        raise WeightsUnavailableError(SAFETY_CHECKER_MISSING, repo=config.SAFETY_CHECKER_REPO,
+                                      error=type(e).__name__) from e
 
 
 def _converted_copy(resolved: ResolvedWeights, arch: Architecture, dtype: str) -> Path | None:

@@ -14,14 +14,59 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config
+from .messages import UserFacingError, Wording
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """The weights could not be found or downloaded; the message says why and how to supply them."""
+class WeightsUnavailableError(UserFacingError, RuntimeError):
+    """The weights could not be found or downloaded; the message says why and how to supply them, worded for
+    the page's preview banner (no paths), the command line (its flags) and Python (`load_pipeline`'s arguments)."""
+
+
+# How to supply the weights by hand, as each audience does it (the app takes the command line's flags too).
+SUPPLY_WEIGHTS = Wording(
+    page="start the app with --weights PATH (or FASTCOMPOSER_WEIGHTS=PATH)",
+    cli="pass its path with --weights PATH (or FASTCOMPOSER_WEIGHTS=PATH), or use --weights tiny for a preview "
+    "with random weights",
+    api="pass its path as `weights=PATH` (or set FASTCOMPOSER_WEIGHTS=PATH), or use `weights='tiny'` for a "
+    "preview with random weights",
+)
+DOWNLOAD_FAILED = Wording(
+    page="the FastComposer weights could not be downloaded from the Hugging Face Hub ({error}). Download {file} "
+    "from {url} by hand and {supply}.",
+    cli="the FastComposer weights could not be downloaded from the Hugging Face Hub ({reason}). Download {file} "
+    "from {url} by hand and {supply}.",
+    api="the FastComposer weights could not be downloaded from the Hugging Face Hub ({reason}). Download {file} "
+    "from {url} by hand and {supply}.",
+)
+FOLDER_WITHOUT_INDEX = Wording(
+    page="the weights folder has no model_index.json; give the {file} file itself, or a folder made by "
+    "`python -m fastcomposer convert`",
+    cli="--weights {path} is a folder without model_index.json; pass the {file} file itself, or a folder made by "
+    "`python -m fastcomposer convert`",
+    api="`weights` ({path}) is a folder without model_index.json; pass the {file} file itself, or a folder made "
+    "by `python -m fastcomposer convert`",
+)
+NOT_A_CHECKPOINT = Wording(
+    page="the weights file is not a checkpoint file (expected one of {suffixes})",
+    cli="--weights {path} is not a checkpoint file (expected one of {suffixes})",
+    api="`weights` ({path}) is not a checkpoint file (expected one of {suffixes})",
+)
+NO_SUCH_WEIGHTS = Wording(
+    page="the weights file given with --weights (or FASTCOMPOSER_WEIGHTS) does not exist",
+    cli="--weights {path} does not exist",
+    api="`weights` ({path}) does not exist",
+)
+NOTHING_LOCAL = Wording(
+    page="no local FastComposer weights and downloading is turned off; {supply}, where PATH is the released {file}",
+    cli="no local FastComposer weights (looked in {cached}) and downloading is turned off; pass --weights PATH to "
+    "the released {file}, or --weights tiny for a preview",
+    api="no local FastComposer weights (looked in {cached}) and `allow_download=False`; pass `weights=PATH` to "
+    "the released {file}, or `weights='tiny'` for a preview",
+)
 
 
 @dataclass(frozen=True)
@@ -77,11 +122,9 @@ def download_checkpoint(revision: str) -> Path:
         return Path(hf_hub_download(config.CHECKPOINT_REPO, config.CHECKPOINT_FILE, revision=revision))
     except Exception as e:  # network, auth, disk: all end the same way for the user
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no details'}"
-        raise WeightsUnavailableError(
-            f"the FastComposer weights could not be downloaded from the Hugging Face Hub ({reason}). "
-            f"Download {config.CHECKPOINT_FILE} from https://huggingface.co/{config.CHECKPOINT_REPO} by hand and "
-            "pass its path with --weights PATH (or FASTCOMPOSER_WEIGHTS=PATH), or use --weights tiny for a "
-            "preview with random weights."
+        raise WeightsUnavailableError(  # the page gets only the error's type: its text can hold cache paths
+            DOWNLOAD_FAILED, reason=reason, error=type(e).__name__, file=config.CHECKPOINT_FILE,
+            url=f"https://huggingface.co/{config.CHECKPOINT_REPO}", supply=SUPPLY_WEIGHTS,
         ) from e
 
 
@@ -103,28 +146,22 @@ def resolve_weights(
         path = Path(weights).expanduser()
         if path.is_dir():
             if not is_converted_folder(path):
-                raise WeightsUnavailableError(
-                    f"--weights {path} is a folder without model_index.json; pass the {config.CHECKPOINT_FILE} "
-                    "file itself, or a folder made by `python -m fastcomposer convert`"
-                )
+                raise WeightsUnavailableError(FOLDER_WITHOUT_INDEX, path=str(path), file=config.CHECKPOINT_FILE)
             return ResolvedWeights("converted", path, "local folder")
         if path.is_file():
             if path.suffix not in CHECKPOINT_SUFFIXES:
-                raise WeightsUnavailableError(
-                    f"--weights {path} is not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)})"
-                )
+                suffixes = ", ".join(CHECKPOINT_SUFFIXES)
+                raise WeightsUnavailableError(NOT_A_CHECKPOINT, path=str(path), suffixes=suffixes)
             return ResolvedWeights("checkpoint", path, "local file")
-        raise WeightsUnavailableError(f"--weights {path} does not exist")
+        raise WeightsUnavailableError(NO_SUCH_WEIGHTS, path=str(path))
 
     revision = checkpoint_revision()
     cached = converted_dir(revision, dtype)
     if is_converted_folder(cached):
         return ResolvedWeights("converted", cached, "cache", revision)
     if not allow_download:
-        raise WeightsUnavailableError(
-            f"no local FastComposer weights (looked in {cached}) and downloading is turned off; pass "
-            "--weights PATH to the released pytorch_model.bin, or --weights tiny for a preview"
-        )
+        raise WeightsUnavailableError(NOTHING_LOCAL, cached=str(cached), file=config.CHECKPOINT_FILE,
+                                      supply=SUPPLY_WEIGHTS)
     return ResolvedWeights("checkpoint", download_checkpoint(revision), "hub", revision)
 
 

@@ -76,6 +76,17 @@ def test_no_face_found_names_the_photo_and_offers_the_whole_photo(client, tmp_pa
     assert len(gallery) == 1
 
 
+def test_a_bad_upload_is_named_by_its_slot_never_by_its_path(client, tmp_path):
+    fake = tmp_path / "secret-name.png"
+    fake.write_bytes(b"not an image")
+    with pytest.raises(AppError) as err:
+        client.predict(**request(prompt="a woman img and a woman img", photo_2=handle_file(str(fake))),
+                       api_name="/generate")
+    message = str(err.value)
+    assert "photo 2 is not a supported image" in message and "upload it again" in message
+    assert "secret-name" not in message and "/tmp" not in message and "--image" not in message
+
+
 def test_hint_endpoint(client):
     text = client.predict("a woman img", handle_file(ASTRONAUT), None, None, None, api_name="/hint")
     assert "1 subject in prompt · 1 photo ✓" in text

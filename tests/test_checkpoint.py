@@ -193,9 +193,11 @@ def test_resolution_order(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(WeightsUnavailableError, match="not a checkpoint file"):
         resolve_weights(tmp_path / "notes.txt")
-    # Nothing local and no network: the error says how to supply the file.
-    with pytest.raises(WeightsUnavailableError, match="--weights PATH"):
+    # Nothing local and no network: the error says how to supply the file, in each audience's terms.
+    with pytest.raises(WeightsUnavailableError) as err:
         resolve_weights(None, allow_download=False)
+    assert "--weights PATH" in err.value.message_for("cli") and "weights=PATH" in str(err.value)
+    assert "--weights PATH" in err.value.message_for("page") and str(tmp_path) not in err.value.message_for("page")
     # A converted copy in the cache wins over downloading.
     from fastcomposer.weights import checkpoint_revision, converted_dir
 
@@ -210,5 +212,7 @@ def test_hub_failure_names_the_reason_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError) as err:
         resolve_weights(None, allow_download=True)
-    message = str(err.value)
-    assert "could not be downloaded" in message and "--weights PATH" in message and "huggingface.co" in message
+    for audience, how in (("cli", "--weights PATH"), ("api", "`weights=PATH`"), ("page", "--weights PATH")):
+        message = err.value.message_for(audience)
+        assert "could not be downloaded" in message and how in message and "huggingface.co" in message, audience
+    assert str(err.value) == err.value.message_for("api")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,12 +69,14 @@ def test_face_crop_is_on_by_default(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [
-        (lambda d: str(d / "missing.png"), [], "missing.png"),
+        (lambda d: str(d / "missing.png"), [], "missing.png could not be found; check the path"),
         (lambda d: (d / "notes.png").write_text("hello") and str(d / "notes.png"), [], "not a supported image"),
         (lambda d: ASTRONAUT, ["--prompt", "a man img and a woman img"], "2 subject(s) in the prompt but 1 photo"),
+        (lambda d: ASTRONAUT, ["--prompt", "a man img and a woman img"], "add an --image or remove an `img`"),
+        (lambda d: ASTRONAUT, ["--steps", "0"], "--steps must be a whole number"),
         (lambda d: ASTRONAUT, ["--prompt", "a man img img"], "img img"),
         (lambda d: ASTRONAUT, ["--weights", "/nonexistent/model.bin"], "does not exist"),
-        (lambda d: ASTRONAUT, ["--alpha", "1.5"], "alpha"),
+        (lambda d: ASTRONAUT, ["--alpha", "1.5"], "--alpha must be between 0 and 1"),
         (lambda d: ASTRONAUT, ["--scheduler", "magic"], "invalid choice"),
     ],
 )
@@ -84,6 +89,61 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, make, extra, message
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def image_error(args_image: str, tmp_path, capsys, extra: tuple[str, ...] = ()) -> str:
+    """Run `generate` with `--image args_image`; it must fail as a user error with one line. Returns that line."""
+    args = ["generate", "--prompt", "a woman img", "--image", args_image, "--output", str(tmp_path / "o.png"),
+            *TINY, *extra]
+    code, _, err = run(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o.png").exists()
+    assert "upload" not in err, "the command line has no uploads"
+    return err.strip()
+
+
+def test_a_missing_image_names_the_path_and_says_to_check_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = image_error("holiday/missing.png", tmp_path, capsys)
+    assert err == "error: --image holiday/missing.png could not be found; check the path"
+
+
+def test_a_folder_given_as_an_image(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    err = image_error(str(tmp_path / "photos"), tmp_path, capsys)
+    assert f"--image {tmp_path / 'photos'} is a folder, not an image file" in err and "check the path" in err
+
+
+def test_an_unreadable_image_names_the_path_and_the_permissions(tmp_path, capsys, monkeypatch):
+    """A photo the user may not read. chmod 000 denies everyone but root, whose CAP_DAC_OVERRIDE ignores mode
+    bits (and a folder without search permission does not stop root either). So when this process can still
+    read the file after chmod 000, the kernel's answer for an ordinary user is reproduced: `open` raises
+    PermissionError (errno 13) for that one path, exactly as it would without the capability."""
+    photo = tmp_path / "private.png"
+    shutil.copy(ASTRONAUT, photo)
+    photo.chmod(0)
+    try:
+        if os.access(photo, os.R_OK):  # running as root
+            real_open = builtins.open
+
+            def denying_open(file, *args, **kwargs):
+                if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(photo):
+                    raise PermissionError(13, "Permission denied", str(photo))
+                return real_open(file, *args, **kwargs)
+
+            monkeypatch.setattr(builtins, "open", denying_open)
+        err = image_error(str(photo), tmp_path, capsys)
+    finally:
+        photo.chmod(0o600)
+    assert err.startswith(f"error: --image {photo} cannot be read (permission denied)")
+    assert "check the file's permissions" in err
+
+
+def test_no_face_names_the_path_and_the_flag(tmp_path, capsys):
+    wall = tmp_path / "wall.png"
+    PIL.Image.new("RGB", (300, 300), (200, 190, 180)).save(wall)
+    err = image_error(str(wall), tmp_path, capsys)
+    assert f"No face found in --image {wall}" in err and "--no-face-crop" in err and "face_crop=" not in err
 
 
 def test_cli_reproduces_the_original_implementation(tmp_path, photos):

@@ -13,6 +13,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -128,6 +129,71 @@ def test_detector_is_built_once_across_threads(caplog, tmp_path):
     assert len(results) == 4 and len(set(results)) == 1
     warnings_logged = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings_logged) == 1, "the fallback is announced once"
+
+
+# --- small faces in large photos ------------------------------------------------------------------
+
+# The astronaut's head and shoulders (the face spans about x 180-270, y 60-185 of the portrait).
+HEAD_AND_SHOULDERS, ASTRONAUT_FACE = (100, 0, 400, 360), (180, 60, 270, 185)
+
+
+def small_person(background: Image.Image, at: tuple[int, int], face_width: int = 95):
+    """`background` with the astronaut pasted at `at`, scaled so her face is `face_width` px wide; and where
+    the face landed, from the paste position and the scale."""
+    s = face_width / (ASTRONAUT_FACE[2] - ASTRONAUT_FACE[0])
+    piece = load("astronaut.png").crop(HEAD_AND_SHOULDERS)
+    piece = piece.resize((round(piece.width * s), round(piece.height * s)), Image.Resampling.LANCZOS)
+    photo = background.copy()
+    photo.paste(piece, at)
+    x0, y0 = HEAD_AND_SHOULDERS[:2]
+    face = tuple(round(at[k % 2] + (v - (x0, y0)[k % 2]) * s) for k, v in enumerate(ASTRONAUT_FACE))
+    return photo, face
+
+
+def backgrounds() -> dict[str, Image.Image]:
+    noise = np.random.default_rng(0).normal(120, 25, (1200, 1600, 3)).clip(0, 255).astype(np.uint8)
+    return {"plain": Image.new("RGB", (1600, 1200), (96, 128, 160)), "noisy": Image.fromarray(noise)}
+
+
+@pytest.mark.parametrize("background", ["plain", "noisy"])
+@pytest.mark.parametrize("at", [(1180, 760), (140, 110)])
+def test_a_small_face_in_a_large_photo_is_found(fallback, background, at):
+    """A 95 px frontal face, off-centre in a 1600x1200 photo: the first pass alone misses it, the second finds it."""
+    photo, face = small_person(backgrounds()[background], at)
+    assert faces._detect_opencv(fallback._model, photo, second_pass=False) == []  # what the detector did before
+    crop = fallback.crop(photo, name="photo 1")
+    assert crop.detector == "opencv"
+    assert inside(face, crop.box), "the crop holds the pasted face"
+    cx, cy = (crop.face_box[0] + crop.face_box[2]) / 2, (crop.face_box[1] + crop.face_box[3]) / 2
+    assert face[0] <= cx <= face[2] and face[1] <= cy <= face[3], "the face found is the pasted one"
+    check_crop(crop, photo)
+
+
+@pytest.mark.parametrize("background", ["plain", "noisy"])
+def test_the_second_pass_finds_no_face_where_there_is_none(fallback, background):
+    with pytest.raises(NoFaceFoundError):
+        fallback.crop(backgrounds()[background], name="photo 1")
+
+
+# --- crop margin -----------------------------------------------------------------------------------
+
+
+def test_margin_per_call_overrides_the_croppers_and_is_checked(fallback):
+    image = load("astronaut.png")
+    default = fallback.crop(image)
+    width = default.face_box[2] - default.face_box[0]
+    assert default.box[2] - default.box[0] == round(faces.DEFAULT_MARGIN * width)
+    for margin in (faces.MARGIN_TIGHT_FACE, faces.MARGIN_HEAD_AND_SHOULDERS):
+        crop = fallback.crop(image, margin=margin)
+        assert crop.face_box == default.face_box
+        assert crop.box[2] - crop.box[0] == round(margin * width) and inside(crop.face_box, crop.box)
+    assert fallback.margin == faces.DEFAULT_MARGIN, "a per-call margin does not change the cropper"
+    box = crop_subject(image, cropper=fallback, margin=2.0).box
+    assert box[2] - box[0] == round(2.0 * width)
+    for bad in (0.5, float("nan"), "2"):
+        with pytest.raises(ValueError, match="margin"):
+            fallback.crop(image, margin=bad)
+    assert faces.MARGIN_TIGHT_FACE < faces.DEFAULT_MARGIN < faces.MARGIN_HEAD_AND_SHOULDERS
 
 
 # --- square_box geometry ---------------------------------------------------------------------------

@@ -295,6 +295,31 @@ def test_r9_sizes_at_the_limits_are_accepted(tmp_path, size):
 # -- messages never leak paths, logs never leak content ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("make", "page_fix"),
+    [
+        (lambda d: d / "gone.png", "upload it again"),
+        (lambda d: (d / "g.png").write_bytes(b"not an image") and d / "g.png", "export it as PNG or JPEG and upload"),
+        (lambda d: save(Image.new("RGB", (1800, 200)), d / "wide.png"), "crop it around the person and upload"),
+    ],
+    ids=["missing", "not-an-image", "too-elongated"],
+)
+def test_each_audience_gets_its_own_fix(tmp_path, make, page_fix):
+    path = make(tmp_path)
+    error = pytest.raises(ImageError, load_image, path, name="photo 2").value
+    page, cli, api = (error.message_for(a) for a in ("page", "cli", "api"))
+    assert page.startswith("photo 2 ") and page_fix in page and str(tmp_path) not in page
+    assert cli.startswith(f"--image {path} ") and "upload" not in cli
+    assert api.startswith("photo 2 ") and "upload" not in api and str(tmp_path) not in api
+    # The same facts in each: only the photo's label and the fix differ.
+    assert page.split(";")[0].removeprefix("photo 2") == cli.split(";")[0].removeprefix(f"--image {path}")
+
+
+def test_a_photo_given_as_bytes_has_no_path_anywhere():
+    error = pytest.raises(ImageError, load_image, b"not an image", name="photo 1").value
+    assert error.path is None and error.message_for("cli").startswith("photo 1 is not a supported image")
+
+
 def test_messages_never_contain_paths_and_logs_stay_quiet(tmp_path, caplog):
     secret = tmp_path / "secret-dir"
     secret.mkdir()
@@ -315,10 +340,17 @@ def test_messages_never_contain_paths_and_logs_stay_quiet(tmp_path, caplog):
     for kind, path in bad.items():
         with pytest.raises(ImageError) as err:
             load_image(path, name="photo 4")
-        message = str(err.value)
-        assert message.startswith("photo 4 ") and "secret-dir" not in message and str(tmp_path) not in message, kind
+        for message in (str(err.value), err.value.message_for("page"), err.value.message_for("api")):
+            assert message.startswith("photo 4 ") and str(tmp_path) not in message, kind
+        # Only the command line names the file, the way it was given.
+        assert err.value.message_for("cli").startswith(f"--image {path} ") and err.value.path == str(path), kind
         assert err.value.__cause__ is None and err.value.__suppress_context__, kind  # no chained Pillow error
-    assert "could not be found" in str(pytest.raises(ImageError, load_image, bad["missing"]).value)
+    missing = pytest.raises(ImageError, load_image, bad["missing"], name="photo 4").value
+    assert missing.message_for("page") == "photo 4 could not be found; upload it again"
+    assert missing.message_for("cli") == f"--image {bad['missing']} could not be found; check the path"
+    assert str(missing) == missing.message_for("api") == "photo 4 could not be found; check the path"
+    folder = pytest.raises(ImageError, load_image, bad["directory"], name="photo 4").value
+    assert "is a folder" in str(folder) and "upload the photo file itself" in folder.message_for("page")
     load_image(save(Image.new("RGB", (100, 100)), secret / "ok.png"), name="photo 4")
     assert all(r.levelno < logging.INFO for r in caplog.records)
     assert not any(str(tmp_path) in r.getMessage() for r in caplog.records)
