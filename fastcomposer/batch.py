@@ -291,7 +291,11 @@ def run_batch(args: argparse.Namespace) -> int:
             code = 2
         sys.stdout.write(f"{totals['done']} done, {totals['skipped']} skipped, {totals['failed']} failed\n"
                          f"{out_dir / SUMMARY}\n")
-    return broadcast_object_list([code])[0]
+    code = broadcast_object_list([code])[0]
+    # Leave the process group before exiting: the launcher stops the other processes as soon as one exits with
+    # status 2, and a process stopped while still in the group aborts noisily.
+    state.destroy_process_group()
+    return code
 
 
 def make_summary(outcomes: list[Outcome], defaults: argparse.Namespace, jobs_file: str, processes: int,
