@@ -1,4 +1,5 @@
-"""Command line: `python -m fastcomposer generate ...`, `convert IN OUT` and `evaluate CASES_DIR --output DIR`.
+"""Command line: `python -m fastcomposer generate ...`, `batch JOBS.jsonl --output DIR`, `convert IN OUT` and
+`evaluate CASES_DIR --output DIR`.
 
 User errors (bad files, prompts, settings, missing weights) exit with status 2 and one line on
 stderr. Results (the seed and the files written) go to stdout.
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-maps", action="store_true",
                    help="also write PATH_attn.png: where each subject went (its cross-attention, one colour each)")
     _model_args(g)
+
+    b = sub.add_parser("batch", help="run many jobs from a JSON Lines file (resumable; splits across GPUs under "
+                       "accelerate launch)")
+    b.add_argument("jobs", metavar="JOBS.jsonl",
+                   help='one JSON object per line: {"prompt": ..., "images": [...]} and optional "id", "seed", '
+                   '"steps", ... (see README, "Batch jobs")')
+    b.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for DIR/<id>.png (<id>_<k>.png for several images) and DIR/summary.json")
+    _generation_args(b)
+    _model_args(b)
 
     e = sub.add_parser("evaluate", help="score identity and prompt consistency on your own cases (paper section 5)")
     _evaluate_args(e)
@@ -355,6 +366,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch as run
+
+    return run(args)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from .architecture import build_modules, bundled_architecture, with_overrides
     from .checkpoint import CheckpointError, load_into_modules, read_state_dict
@@ -386,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         level = logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-        return {"generate": run_generate, "convert": run_convert, "evaluate": run_evaluate}[args.command](args)
+        commands = {"generate": run_generate, "batch": run_batch, "convert": run_convert, "evaluate": run_evaluate}
+        return commands[args.command](args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -108,9 +108,9 @@ def memory_need_bytes(pipe: FastComposerPipeline, batch: int, height: int = 512,
     return int(MEMORY_MARGIN * (weights + ACTIVATION_BASE_BYTES + ACTIVATION_PER_IMAGE_BYTES * batch * scale))
 
 
-def needs_offload(pipe: FastComposerPipeline, batch: int = 1) -> bool:
-    """True when the current CUDA device's free memory is under `memory_need_bytes` (so offload is needed)."""
-    free, _total = torch.cuda.mem_get_info()
+def needs_offload(pipe: FastComposerPipeline, batch: int = 1, device: torch.device | None = None) -> bool:
+    """True when `device`'s free memory (default: the current CUDA device's) is under `memory_need_bytes`."""
+    free, _total = torch.cuda.mem_get_info(device)
     need = memory_need_bytes(pipe, batch)
     if free < need:
         logger.info("GPU free memory %.1f GiB < %.1f GiB needed: turning on model CPU offload", free / 2**30,
@@ -120,7 +120,10 @@ def needs_offload(pipe: FastComposerPipeline, batch: int = 1) -> bool:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
+    """"auto" picks cuda, then mps, then cpu; an explicit device must exist.
+
+    "cuda:N" names one GPU, as `accelerate` gives each process of a multi-GPU run (`PartialState().device`).
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -131,6 +134,15 @@ def pick_device(device: str = "auto") -> torch.device:
         raise SetupError(NO_DEVICE, value="cuda", missing="a CUDA GPU")
     if device == "mps" and not torch.backends.mps.is_available():
         raise SetupError(NO_DEVICE, value="mps", missing="Apple's MPS")
+    if device.startswith("cuda:"):
+        index = device.removeprefix("cuda:")
+        if not index.isdigit():
+            raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["device"], value=device,
+                             choices="auto, cpu, cuda, cuda:0, cuda:1, ... or mps")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index) >= count:
+            raise SetupError(NO_DEVICE, value=device, missing=f"GPU {index} (of {count} CUDA GPUs)")
+        return torch.device(device)
     if device not in ("cpu", "cuda", "mps"):
         raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["device"], value=device,
                          choices="auto, cpu, cuda or mps")
@@ -276,7 +288,7 @@ def load_pipeline(
     Args:
         weights: None (cache, then the Hub), "tiny" (random tiny model), a released-layout checkpoint file,
             or a folder made by `python -m fastcomposer convert`.
-        device: "auto", "cpu", "cuda" or "mps".
+        device: "auto", "cpu", "cuda", "cuda:N" (one GPU of several) or "mps".
         dtype: "auto", "fp32", "fp16" or "bf16".
         scheduler: "pndm" (the original's), "dpm", "ddim" or "euler"; defaults to the preset's.
         preset: "original" (default), "balanced" or "fast" (see presets.py): the sampler to start with, and
@@ -347,7 +359,9 @@ def load_pipeline(
     else:
         logger.warning("the safety checker is off: generated images are not filtered")
     pipe.default_preset = chosen.name
-    if torch_device.type == "cuda" and (offload is True or offload == "auto" and needs_offload(pipe, offload_batch)):
+    if torch_device.type == "cuda" and (
+        offload is True or offload == "auto" and needs_offload(pipe, offload_batch, torch_device)
+    ):
         pipe.enable_model_cpu_offload(device=torch_device)  # weights stay in RAM; GPU holds one network at a time
         logger.info("model CPU offload is on: slower, but fits a small GPU")
     else:
