@@ -59,9 +59,10 @@ class CostModel:
 _CPU_FP32 = CostModel(9.4, 0.87, 1.0, 17.0, 1.1, 0.3, threads=2)
 _CPU_BF16 = CostModel(6.3, 1.14, 1.0, 8.0, 0.55, 0.3, threads=2)
 # GPU figures: an H100 in fp16 (README "Performance"): PNDM 50 (51 iterations) in 2.00 s and DPM++ 25 in
-# 1.01 s at one image, so 38 ms per iteration and about 57 ms around the loop; four images take 2.17 s, so each
-# extra image adds about 3% of a step (at one to four images a 512 px step is bound by kernel launches).
-_H100_FP16 = CostModel(0.038, 1.0, 0.03, 0.040, 0.010, 0.007)
+# 1.01 s at one image, so 38.1 ms per iteration and 57 ms around the loop (split here as a 30 ms decode, 10 ms
+# of CLIP and 17 ms of the rest); four images take 2.17 s, so each extra image adds about 1.4% of a step (at one
+# to four images a 512 px step is bound by kernel launches, not arithmetic).
+_H100_FP16 = CostModel(0.0381, 1.0, 0.014, 0.030, 0.010, 0.017)
 # A ZeroGPU slice is an H200 MIG 3g partition with 60 streaming multiprocessors (the `spaces` package's own
 # device description) against the H100's 132: planned as 132/60 = 2.2x slower, a safe side for a reservation.
 ZEROGPU_SLOWDOWN = 132 / 60
