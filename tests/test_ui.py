@@ -71,7 +71,7 @@ def test_stop_says_where_it_stopped_and_keeps_the_earlier_images(page, slow_unet
     assert 7 <= done <= calls_at_stop
     gallery, _, status = job.result(timeout=60)  # its final answer
     assert status == message
-    assert gallery[0]["caption"] == f"unfinished: stopped at step {done}/51"
+    assert gallery[0]["caption"] == f"unfinished · {done}/51"
     assert image_path(gallery[-1]) and read_record(image_path(gallery[-1])).seed == 9  # the earlier image stayed
     previews = [out[0][0]["caption"] for out in job.outputs()[:-1] if out[0] and out[0][0].get("caption")]
     assert previews and all(c.startswith("preview · step ") for c in previews)

@@ -142,8 +142,9 @@ def _wire(page: _Page) -> None:
         event.then(page.advice.note, note_inputs, c.speed_note, queue=False, show_progress="hidden",
                    api_visibility="private")
 
-    page.stop_btn.click(handlers.stop, results.stop_tick, [results.status, results.stop_tick], queue=False,
-                        api_name="stop", show_progress="hidden")
+    page.stop_btn.click(handlers.stop, None, results.status, queue=False, api_name="stop", show_progress="hidden")
+    page.stop_btn.click(handlers.stop_queued, results.stop_tick, results.stop_tick, queue=False,
+                        show_progress="hidden", api_visibility="private")
     results.stop_tick.change(None, None, None, cancels=[gen_event, enter_event])  # queued runs only (run.py)
     results.reuse.click(lambda s: s if s is not None else -1, results.used_seed, c.seed, api_name="reuse_seed",
                         api_visibility="undocumented")

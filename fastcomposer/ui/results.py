@@ -19,20 +19,24 @@ class ResultsPanel:
     status: gr.Markdown  # one line: what happened ("2 image(s) · seed 42", "Stopped at step 4 of 51; ...")
     restore_file: gr.File  # a PNG made here: its settings go back into the controls
     shown: gr.State  # the finished images on display: they stay through previews, Stop and errors
-    stop_tick: gr.State  # bumped by Stop when no run of this session is running: cancels its queued ones
+    # Bumped by Stop when no run of this session is running; its change event cancels the session's queued runs.
+    # A component the page keeps in its DOM (visible="hidden"): a State's change would not fire after an unqueued
+    # event, and Stop must stay unqueued to work when the queue is full.
+    stop_tick: gr.Number
 
 
 def build_results() -> ResultsPanel:
     """Lay out the results column (inside a Blocks context)."""
+    status = gr.Markdown(elem_id="status")  # above the gallery: on a phone, below it would be out of sight
     gallery = gr.Gallery(label="Results", format="png", columns=2, height=520, elem_id="gallery",
                          buttons=["download", "fullscreen"])
     with gr.Row():
         used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
         reuse = gr.Button("♻ Reuse seed", size="sm")
-    status = gr.Markdown(elem_id="status")
     restore_file = gr.File(label="Drop a PNG made here to restore its settings", file_types=[".png"],
                            type="filepath", height=90)
-    return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), gr.State(0))
+    stop_tick = gr.Number(0, visible="hidden", elem_id="stop-tick")
+    return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), stop_tick)
 
 
 def restore(path: str | None, loras: dict) -> tuple:

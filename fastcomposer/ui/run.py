@@ -11,8 +11,9 @@ drops the cancelled handler's last answer (the page went blank and silent). So S
   "Stopped at step 4 of 51; nothing was generated", with the earlier images and the last preview,
   marked unfinished, still in the gallery. The Stop handler waits for that, so an API call to /stop
   returns once the run has ended;
-- when nothing of this session runs, Stop bumps `stop_tick`, whose change event `cancels=` this
-  session's queued runs (Gradio removes them from the queue before they start).
+- when nothing of this session runs, Stop also bumps `stop_tick`, whose change event `cancels=` this
+  session's queued runs (Gradio removes them from the queue before they start); the page then says
+  "Stopped before it started".
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class Runs:
             if self._running.get(session) is run:
                 del self._running[session]
         run.finished.set()
+
+    def running(self, session: str) -> bool:
+        with self._lock:
+            return session in self._running
 
     def stop(self, session: str) -> tuple[Run | None, int]:
         """Flag the running run; else forget (and return) the count of queued requests, which Stop cancels."""
@@ -236,17 +241,20 @@ class Handlers:
             run.message = "Stopped before generation started; nothing was generated."
         gallery = shown
         if preview is not None:
-            unfinished = f"unfinished: stopped at step {run.done}/{run.total}"
+            unfinished = f"unfinished · {run.done}/{run.total}"  # short: a phone shows about 18 characters of it
             gallery = [(image, unfinished) for image in preview.images] + shown
         return gallery, gr.update(), run.message, shown
 
     # -- Stop ------------------------------------------------------------------------------------------
 
-    def stop(self, tick: int, request: gr.Request):
-        """Returns (status, stop_tick): see the module docstring."""
+    def stop(self, request: gr.Request):
+        """Stop's answer (the status line): see the module docstring."""
         run, waiting = self.runs.stop(request.session_hash or "")
         if run is None:
-            message = "Stopped before it started; nothing was generated." if waiting else gr.update()
-            return message, (tick or 0) + 1
+            return "Stopped before it started; nothing was generated." if waiting else gr.update()
         run.finished.wait(STOP_WAIT_S)
-        return run.message or gr.update(), tick
+        return run.message or gr.update()
+
+    def stop_queued(self, tick: float | None, request: gr.Request):
+        """Bump `stop_tick` (whose change cancels this session's queued runs) unless one of its runs is running."""
+        return gr.update() if self.runs.running(request.session_hash or "") else (tick or 0) + 1

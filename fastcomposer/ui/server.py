@@ -16,7 +16,7 @@ import gradio as gr
 from ..config import SETTINGS, Settings
 from ..estimate import is_zerogpu
 from ..presets import PRESET_ENV, PRESETS
-from .texts import REPO_ROOT
+from .texts import PAGE_CSS, REPO_ROOT
 
 logger = logging.getLogger("fastcomposer.app")
 
@@ -155,6 +155,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         max_file_size=settings.limits.max_file_size,
         allowed_paths=[*([str(assets)] if assets else []), *kwargs.pop("allowed_paths", [])],  # extras: tests
         blocked_paths=blocked,
+        css=kwargs.pop("css", PAGE_CSS),
         **kwargs,
     )
 

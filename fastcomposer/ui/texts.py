@@ -44,3 +44,13 @@ def find_assets() -> Path | None:
             return folder.resolve()
     logger.info("no example photos found (%s); the page shows no examples", ", ".join(map(str, candidates)))
     return None
+
+# Gradio draws a run's progress as an opaque overlay on its output. On the gallery that would hide the live
+# previews and the earlier images under it, so the overlay is made see-through, with the bar at the top on a
+# strip of its own, and the animated ETA fill (which covers the whole area) is left out.
+PAGE_CSS = """
+#gallery > .wrap.full:not(.hide):not(.generating) { background: transparent; justify-content: flex-start; }
+#gallery > .wrap .eta-bar { display: none; }
+#gallery > .wrap .progress-level { background: var(--block-background-fill); opacity: 0.92;
+                                   border-radius: var(--radius-sm); padding: var(--size-1) 0; }
+"""
