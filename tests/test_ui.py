@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import numpy as np
 import PIL.Image
 import pytest
@@ -18,7 +19,7 @@ from fastcomposer.presets import PRESETS
 from fastcomposer.ui import server
 from fastcomposer.ui.settings import CUSTOM, SpeedAdvice, speed_of
 
-from .app_helpers import Args, image_path, request
+from .app_helpers import ASTRONAUT, Args, image_path, request
 from .test_lora import lora_factors, write_peft
 
 
@@ -78,6 +79,29 @@ def test_stop_says_where_it_stopped_and_keeps_the_earlier_images(page, slow_unet
     time.sleep(0.3)
     assert len(slow_unet) - before == calls_at_stop  # nothing kept running
     assert read_record(image_path(earlier[0])).seed == 9
+
+
+def test_a_closed_tab_stops_its_running_generation(page, slow_unet):
+    """A browser-like session joins the queue, reads its event stream for a while, then goes away."""
+    demo, _ = page
+    with open(ASTRONAUT, "rb") as f:
+        uploaded = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("a.png", f, "image/png")}).json()
+    photo = {"path": uploaded[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}
+    data = ["a woman img reading", "", 0.75, 5.0, 80, "pndm", 1, 1, 256, 256, False, photo, None, None, None,
+            False, False, False, False, 1, "", 0.8, None]
+    fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
+    joined = httpx.post(demo.local_url + "gradio_api/queue/join",
+                        json={"data": data, "fn_index": fn_index, "session_hash": "tab", "event_data": None})
+    assert joined.status_code == 200, joined.text
+    before = len(slow_unet)
+    with httpx.stream("GET", demo.local_url + "gradio_api/queue/data", params={"session_hash": "tab"},
+                      timeout=30) as stream:
+        for _ in stream.iter_lines():
+            if len(slow_unet) - before >= 6:
+                break
+    closed_at = len(slow_unet)
+    time.sleep(1.5)
+    assert len(slow_unet) - closed_at <= 4  # stopped at its next preview, far from its 81 iterations
 
 
 def test_a_stop_with_nothing_running_does_not_stop_the_next_run(page):
