@@ -121,7 +121,7 @@ def test_progress_shows_once_and_stop_says_what_happened(browser, url, tmp_path,
     page.locator("#gallery").scroll_into_view_if_needed()
     screenshot(page, tmp_path, "stopped-390", full_page=False)
     page.close()
-    time.sleep(3.0)  # the queue is free now: a run that was not cancelled would start and finish
+    time.sleep(2.0)  # the queue is free now: a run that was not cancelled would start and finish
     assert other.locator("#gallery img").count() == 0 and "Stopped before" in other.locator("#status").inner_text()
     other.close()
 
