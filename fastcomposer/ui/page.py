@@ -68,7 +68,7 @@ def create_demo(
     d, limits = settings.defaults, settings.limits
     hardware = hardware or detect_hardware()
     if preset is None:
-        preset, preset_reason = default_app_preset("cpu" if hardware.device == "cpu" else "cuda")
+        preset, preset_reason = default_app_preset("cuda" if hardware.device == "zerogpu" else hardware.device)
     estimator = Estimator(hardware)
     tokenizer = load_tokenizer()
     loader = SubjectLoader(limits, cropper or default_cropper())
