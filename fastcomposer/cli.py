@@ -1,5 +1,5 @@
-"""Command line: `python -m fastcomposer generate ...`, `batch JOBS.jsonl --output DIR`, `convert IN OUT` and
-`evaluate CASES_DIR --output DIR`.
+"""Command line: `python -m fastcomposer generate ...`, `batch JOBS.jsonl --output DIR`, `convert IN OUT`,
+`evaluate CASES_DIR --output DIR` and `serve` (the web app, with app.py's options).
 
 User errors (bad files, prompts, settings, missing weights) exit with status 2 and one line on
 stderr. Results (the seed and the files written) go to stdout.
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store weights as (default fp32: lossless, and loads as-is on a CPU; fp16 for GPUs); "
                    "'same' keeps the file's bf16/fp32 mix, which must then be loaded with an explicit dtype")
     c.add_argument("-v", "--verbose", action="store_true", help="more log output")
+
+    # `serve` hands its arguments to the web app's own parser (see `main`); listed here for --help
+    sub.add_parser("serve", help="start the web app (the options of `python app.py --help`)", add_help=False)
     return parser
 
 
@@ -398,7 +401,18 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(argv: list[str]) -> int:
+    """`python -m fastcomposer serve [app options]`: the web app without app.py (for an installed package)."""
+    from .ui.server import main as serve
+
+    serve(argv, prog="python -m fastcomposer serve")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the app parses its own options (and prints its own --help)
+        return run_serve(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         level = logging.INFO if args.verbose else logging.WARNING

@@ -1,4 +1,5 @@
-"""A real browser: Debian's Chromium, driven by Playwright, uploads a photo and generates.
+"""A real browser: Debian's Chromium, driven by Playwright, uploads a photo, generates, watches the progress
+and presses Stop. Screenshots (1400 and 390 px wide) go to tmp_path and to $FASTCOMPOSER_ARTIFACTS when set.
 
 Never downloads a browser. Without Chromium the test is skipped with the reason, except under CI
 (CI=true), where a missing browser is a failure.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,26 @@ import pytest
 import app as app_module
 from fastcomposer.faces import FaceCropper
 
+from .app_helpers import Args
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
+
+
+# Progress bars drawn on the page now, and how many of them on the gallery
+VISIBLE_BARS = """() => {
+    const bars = [...document.querySelectorAll('.progress-bar')]
+        .filter(e => e.checkVisibility({opacityProperty: true}));
+    return {all: bars.length, gallery: bars.filter(e => e.closest('#gallery')).length};
+}"""
+
+
+class LocalArgs(Args):
+    public = False  # listen on 127.0.0.1 only
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +56,80 @@ def browser():
 @pytest.fixture(scope="module")
 def url(tiny_pipe):
     demo = app_module.create_demo(lambda: tiny_pipe, cropper=FaceCropper(allow_download=False))
-    demo.queue(max_size=4, default_concurrency_limit=1, api_open=False)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(ROOT / "assets")])
+    app_module.launch(demo, LocalArgs, prevent_thread_lock=True, quiet=True)  # the app's own settings and CSS
     yield demo.local_url
     demo.close()
 
 
 def test_upload_prompt_generate_in_chromium(browser, url, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url, wait_until="networkidle")
+    prepare(page, url, steps=3)
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+    page.get_by_text("image(s) · seed").wait_for(timeout=30_000)
+    assert screenshot(page, tmp_path, "browser").stat().st_size > 10_000
+    page.close()
+
+
+def test_progress_shows_once_and_stop_says_what_happened(browser, url, tmp_path, tiny_pipe, monkeypatch):
+    forward = tiny_pipe.unet.forward
+    monkeypatch.setattr(tiny_pipe.unet, "forward", lambda *a, **k: time.sleep(0.15) or forward(*a, **k))
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    prepare(page, url, steps=2)
+    page.locator("#generate").click()
+    page.get_by_text("image(s) · seed").wait_for(timeout=60_000)  # an earlier result, which must stay
+
+    # Speed sets the three settings; a step count of one's own makes it Custom
+    page.locator("#speed").get_by_text("Balanced").click()
+    page.wait_for_function("document.querySelector('#steps input[type=number]').value === '25'")
+    set_number(page, "steps", "60")
+    page.wait_for_function("document.querySelector('#speed input[value=custom]').checked")
+
+    page.locator("#generate").click()
+    page.locator("#gallery .progress-level", has_text="step ").wait_for(timeout=60_000)
+    counts = []
+    for _ in range(5):  # the bar is redrawn after each preview: sample it a few times
+        counts.append(page.evaluate(VISIBLE_BARS))
+        time.sleep(0.1)
+    # one progress bar, on the gallery (not also on the seed box and the status line)
+    assert max(c["all"] for c in counts) == 1 and all(c["all"] == c["gallery"] for c in counts), counts
+    text = page.locator("#gallery .progress-level").first.inner_text()
+    assert text.startswith("step ") and "left" in text and len(text) < 40, text
+    screenshot(page, tmp_path, "progress")
+    page.set_viewport_size({"width": 390, "height": 844})
+    box = page.locator("#gallery .progress-level").first.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits a phone
+    screenshot(page, tmp_path, "progress-390", full_page=False, element="#gallery")
+    page.set_viewport_size({"width": 1400, "height": 1100})
+
+    # Another visitor's run waits in the queue behind this one: their Stop takes it out before it starts
+    other = browser.new_page(viewport={"width": 1400, "height": 1100})
+    prepare(other, url, steps=2)
+    other.locator("#generate").click()
+    other.locator("#gallery").get_by_text("queue").wait_for(timeout=30_000)
+    other.locator("#stop").click()
+    other.locator("#status").get_by_text("Stopped before it started; nothing was generated.").wait_for(timeout=10_000)
+
+    page.locator("#stop").click()
+    page.locator("#status").get_by_text("Stopped at step").wait_for(timeout=30_000)
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Stopped at step ") and status.endswith("of 60; nothing was generated."), status
+    page.locator("#gallery").get_by_text("unfinished · ").wait_for(timeout=10_000)  # DPM: 60 steps
+    assert page.locator("#gallery img").count() == 2  # the unfinished preview and the earlier image
+    screenshot(page, tmp_path, "stopped")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.locator("#gallery").scroll_into_view_if_needed()
+    screenshot(page, tmp_path, "stopped-390", full_page=False)
+    page.close()
+    time.sleep(2.0)  # the queue is free now: a run that was not cancelled would start and finish
+    assert other.locator("#gallery img").count() == 0 and "Stopped before" in other.locator("#status").inner_text()
+    other.close()
+
+
+def prepare(page, url: str, steps: int) -> None:
+    """Open the page, upload the astronaut, write a one-subject prompt, set a small size and `steps`."""
+    page.goto(url, wait_until="load")  # not "networkidle": the page keeps a heartbeat connection open
+    page.locator("#generate").wait_for(timeout=30_000)
 
     # Upload the astronaut photo into slot 1: the crop preview appears with a status.
     page.locator("#photo-1 input[type=file]").set_input_files(str(ROOT / "assets" / "astronaut.png"))
@@ -62,19 +142,25 @@ def test_upload_prompt_generate_in_chromium(browser, url, tmp_path):
 
     # Few steps and a small size keep the tiny model quick; the settings live in the folded accordion.
     page.get_by_text("Advanced settings").click()
-    for elem, value in (("steps", "3"), ("width", "256"), ("height", "256")):
-        box = page.locator(f"#{elem} input[type=number]")
-        box.fill(value)
-        box.press("Enter")
+    for elem, value in (("steps", str(steps)), ("width", "256"), ("height", "256")):
+        set_number(page, elem, value)
 
-    page.locator("#generate").click()
-    page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
-    page.get_by_text("image(s) · seed").wait_for(timeout=30_000)
-    shot = tmp_path / "browser.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+
+def set_number(page, elem: str, value: str) -> None:
+    box = page.locator(f"#{elem} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def screenshot(page, tmp_path: Path, name: str, full_page: bool = True, element: str | None = None) -> Path:
+    """Save a screenshot in tmp_path and, when $FASTCOMPOSER_ARTIFACTS is set, there too."""
+    shot = tmp_path / f"{name}.png"
+    if element:
+        page.locator(element).screenshot(path=str(shot))
+    else:
+        page.screenshot(path=str(shot), full_page=full_page)
     artifacts = os.environ.get("FASTCOMPOSER_ARTIFACTS")
     if artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artifacts) / "browser.png")
-    page.close()
+        shutil.copy(shot, Path(artifacts) / shot.name)
+    return shot

@@ -1,0 +1,119 @@
+"""A generation as a stream of events: steps, previews, then the result. Closing the stream stops the run.
+
+    >>> for event in stream_generation(pipe, request):
+    ...     if isinstance(event, StepEvent):
+    ...         print(f"{event.done}/{event.total}")
+    ...     elif isinstance(event, ResultEvent):
+    ...         images = event.result.images
+
+`generate` reports through callbacks from inside the denoising loop; a web server (or a worker process
+that sends values back one by one, as ZeroGPU's does) wants an iterator instead. So the run goes to a
+thread, its callbacks put events on a queue, and the iterator hands them out as they come. Every event
+is a small dataclass of numbers and PIL images, so it pickles. Closing the iterator early (`break`,
+`close()`, garbage collection) sets the run's stop flag and waits for the thread: the pipeline ends after
+its current step and nothing keeps running in the background.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import PIL.Image
+
+from .config import SETTINGS, Limits
+from .generation import GenerationRequest, GenerationResult, generate
+
+
+@dataclass
+class StepEvent:
+    """One denoising iteration finished."""
+
+    done: int  # iterations finished
+    total: int  # iterations planned
+    elapsed: float  # seconds since the stream started, on the clock of the process that ran it
+
+
+@dataclass
+class PreviewEvent:
+    """What the images look like so far (cheap latent previews, see previews.py)."""
+
+    done: int
+    total: int
+    images: list[PIL.Image.Image]
+
+
+@dataclass
+class ResultEvent:
+    """The run ended: with images, or `result.interrupted` when it was stopped."""
+
+    result: GenerationResult
+
+
+Event = StepEvent | PreviewEvent | ResultEvent
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
+def stream_generation(
+    pipe,
+    request: GenerationRequest,
+    *,
+    subjects: Sequence | None = None,
+    limits: Limits = SETTINGS.limits,
+    previews: bool = True,
+) -> Iterator[Event]:
+    """Run `generation.generate` in a thread and yield its progress as events.
+
+    Args:
+        pipe: a loaded [`FastComposerPipeline`]; one stream at a time per pipeline.
+        request: the user's settings.
+        subjects: prepared encoder inputs, as for `generate`.
+        limits: the bounds `generate` checks.
+        previews: also yield a `PreviewEvent` every `generation.PREVIEW_EVERY` iterations.
+
+    Yields:
+        `StepEvent`s and `PreviewEvent`s while the loop runs, then one `ResultEvent`.
+
+    Raises:
+        Whatever `generate` raises (`GenerationError` for bad requests and out-of-memory), in the caller's thread.
+    """
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def on_step(done: int, total: int) -> None:
+        events.put(StepEvent(done, total, time.monotonic() - start))
+
+    def on_preview(done: int, total: int, images: list[PIL.Image.Image]) -> None:
+        events.put(PreviewEvent(done, total, images))
+
+    def run() -> None:
+        try:
+            result = generate(pipe, request, subjects=subjects, on_step=on_step,
+                              on_preview=on_preview if previews else None, stop=stop, limits=limits)
+            events.put(ResultEvent(result))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            events.put(_Failure(e))
+        finally:
+            events.put(_END)
+
+    thread = threading.Thread(target=run, name="fastcomposer-generate", daemon=True)
+    thread.start()
+    try:
+        while (item := events.get()) is not _END:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()  # a consumer that left early: end the run after the current step
+        thread.join()

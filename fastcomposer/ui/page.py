@@ -1,0 +1,153 @@
+"""`create_demo`: the page, assembled from its sections, and the events between them.
+
+Nothing is loaded here: the page is built around a pipeline factory, called on the first Generate (or
+in a ZeroGPU worker), so tests can build it around the tiny model or a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import SETTINGS, Settings
+from ..estimate import Estimator, Hardware
+from .photos import PhotoSlots, SubjectLoader, build_photo_slots, wire_photo_slots
+from .results import ResultsPanel, build_results, restore
+from .settings import SettingsControls, SpeedAdvice, build_settings, build_speed, wire_hint, wire_speed
+from .texts import CONSENT, EXAMPLES, HOW_TO, find_assets
+
+logger = logging.getLogger(__name__)
+
+
+def detect_hardware() -> Hardware:
+    """What `load_pipeline(device="auto", dtype="auto")` runs on here."""
+    import torch
+
+    from ..estimate import is_zerogpu
+    from ..loader import pick_device, pick_dtype
+
+    device = pick_device("auto")
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[pick_dtype("auto", device)]
+    return Hardware("zerogpu" if is_zerogpu() else device.type, dtype, torch.get_num_threads())
+
+
+def create_demo(
+    get_pipeline: Callable[[], object],
+    banner: str | None = None,
+    settings: Settings = SETTINGS,
+    cropper=None,
+    *,
+    hardware: Hardware | None = None,
+    preset: str | None = None,
+    preset_reason: str | None = None,
+    assets: str | os.PathLike | None = "auto",
+) -> gr.Blocks:
+    """Build the page.
+
+    Args:
+        get_pipeline: returns the (cached) FastComposerPipeline; called on the first Generate.
+        banner: a notice shown on top, e.g. why the app runs on preview weights.
+        cropper: a `faces.FaceCropper`; the process-wide default when None.
+        hardware: where the pipeline runs, for the time estimates and the default speed; detected when None.
+        preset: the default Speed (`presets.PRESETS`); by default `presets.default_app_preset` for `hardware`.
+        preset_reason: why that is the default, shown on the page (with `preset`).
+        assets: the folder of bundled example photos; "auto" finds it (`texts.find_assets`), None hides examples.
+    """
+    from ..faces import default_cropper
+    from ..lora import list_local_loras
+    from ..presets import default_app_preset
+    from ..prompt import load_tokenizer
+    from .gpu import Engine, on_gpu, register, run_generation
+    from .run import Handlers
+
+    d, limits = settings.defaults, settings.limits
+    hardware = hardware or detect_hardware()
+    if preset is None:
+        preset, preset_reason = default_app_preset("cuda" if hardware.device == "zerogpu" else hardware.device)
+    estimator = Estimator(hardware)
+    tokenizer = load_tokenizer()
+    loader = SubjectLoader(limits, cropper or default_cropper())
+    loras = {path.name: path for path in list_local_loras()}
+    key = register(Engine(get_pipeline, limits, estimator))
+    handlers = Handlers(key=key, runner=on_gpu(run_generation), estimator=estimator, loader=loader,
+                        tokenizer=tokenizer, settings=settings, loras=loras)
+    advice = SpeedAdvice(estimator, preset, preset_reason or "the default here")
+    assets_dir = find_assets() if assets == "auto" else (Path(assets) if assets else None)
+
+    with gr.Blocks(title="FastComposer Studio", delete_cache=settings.server.delete_cache) as demo:
+        if banner:
+            gr.Markdown(f"> ⚠ **Preview mode.** {banner}", elem_id="banner")
+        gr.Markdown(HOW_TO)
+        gr.Markdown(f"<small>{CONSENT}</small>", elem_id="consent")
+        with gr.Row():
+            with gr.Column(scale=5):
+                slots = build_photo_slots()
+                controls = build_settings(d, limits, preset, loras)
+                build_speed(controls, advice, d)
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=4):
+                results = build_results()
+        if assets_dir is not None:
+            gr.Examples([[p, str(assets_dir / a), str(assets_dir / b) if b else None] for p, a, b in EXAMPLES],
+                        inputs=[controls.prompt, slots.files[0], slots.files[1]],
+                        label="Examples (public-domain photos)")
+        _wire(_Page(slots, controls, results, go, stop_btn, handlers, loader, advice, tokenizer, settings, loras))
+    demo.assets_dir = assets_dir  # `launch` serves this folder (and no other)
+    return demo
+
+
+@dataclass
+class _Page:
+    """What the events connect."""
+
+    slots: PhotoSlots
+    controls: SettingsControls
+    results: ResultsPanel
+    go: gr.Button
+    stop_btn: gr.Button
+    handlers: object  # run.Handlers
+    loader: SubjectLoader
+    advice: SpeedAdvice
+    tokenizer: object
+    settings: Settings
+    loras: dict[str, Path]
+
+
+def _wire(page: _Page) -> None:
+    """The events: previews and hints, Speed, Generate, Stop, seed reuse, restore."""
+    c, slots, results, handlers, server = page.controls, page.slots, page.results, page.handlers, page.settings.server
+    wire_photo_slots(slots, page.loader)
+    wire_hint(c, slots.files, page.tokenizer, page.settings.limits)
+    wire_speed(c, page.advice)
+
+    # Generate: the first 11 inputs are also what a restored PNG sets (results.restore keeps this order)
+    settings_inputs = [c.prompt, c.negative, c.alpha, c.guidance, c.steps, c.sampler, c.seed, c.num_images, c.width,
+                       c.height, slots.face_crop]
+    inputs = [*settings_inputs, *slots.files, *slots.wholes, c.cache_interval, c.lora, c.lora_scale, results.shown]
+    outputs = [results.gallery, results.used_seed, results.status, results.shown]
+    common = dict(concurrency_id=server.concurrency_id, concurrency_limit=1, validator=handlers.check_before_queue,
+                  show_progress_on=[results.gallery])  # one progress bar, on the gallery
+    gen_event = page.go.click(handlers.generate, inputs, outputs, api_name="generate", **common)
+    enter_event = c.prompt.submit(handlers.generate, inputs, outputs, api_name="generate_on_enter",
+                                  api_visibility="undocumented", **common)
+    note_inputs = [c.speed, c.sampler, c.steps, c.cache_interval, c.width, c.height, c.num_images]
+    for event in (gen_event, enter_event):  # the estimate has just learnt this machine's speed
+        event.then(page.advice.note, note_inputs, c.speed_note, queue=False, show_progress="hidden",
+                   api_visibility="private")
+
+    page.stop_btn.click(handlers.stop, None, results.status, queue=False, api_name="stop", show_progress="hidden")
+    page.stop_btn.click(handlers.stop_queued, results.stop_tick, results.stop_tick, queue=False,
+                        show_progress="hidden", api_visibility="private")
+    results.stop_tick.change(None, None, None, cancels=[gen_event, enter_event])  # queued runs only (run.py)
+    results.reuse.click(lambda s: s if s is not None else -1, results.used_seed, c.seed, api_name="reuse_seed",
+                        api_visibility="undocumented")
+    results.restore_file.upload(lambda path: restore(path, page.loras), results.restore_file,
+                                [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale],
+                                api_name="restore_settings")

@@ -1,0 +1,57 @@
+"""Results: the gallery (live previews while a run goes), the seed used, the status line, restoring settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from .settings import speed_of
+
+
+@dataclass
+class ResultsPanel:
+    """The components of the results column."""
+
+    gallery: gr.Gallery
+    used_seed: gr.Number
+    reuse: gr.Button  # copies the seed used into the seed box
+    status: gr.Markdown  # one line: what happened ("2 image(s) · seed 42", "Stopped at step 4 of 51; ...")
+    restore_file: gr.File  # a PNG made here: its settings go back into the controls
+    shown: gr.State  # the finished images on display: they stay through previews, Stop and errors
+    # Bumped by Stop when no run of this session is running; its change event cancels the session's queued runs.
+    # A component the page keeps in its DOM (visible="hidden"): a State's change would not fire after an unqueued
+    # event, and Stop must stay unqueued to work when the queue is full.
+    stop_tick: gr.Number
+
+
+def build_results() -> ResultsPanel:
+    """Lay out the results column (inside a Blocks context)."""
+    status = gr.Markdown(elem_id="status")  # above the gallery: on a phone, below it would be out of sight
+    gallery = gr.Gallery(label="Results", format="png", columns=2, height=520, elem_id="gallery",
+                         buttons=["download", "fullscreen"])
+    with gr.Row():
+        used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
+        reuse = gr.Button("♻ Reuse seed", size="sm")
+    restore_file = gr.File(label="Drop a PNG made here to restore its settings", file_types=[".png"],
+                           type="filepath", height=90)
+    stop_tick = gr.Number(0, visible="hidden", elem_id="stop-tick")
+    return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), stop_tick)
+
+
+def restore(path: str | None, loras: dict) -> tuple:
+    """The settings stored in a PNG made here, in the order of the page's settings inputs (see page.py)."""
+    from ..metadata import read_record
+
+    record = read_record(path) if path else None
+    if record is None:
+        raise gr.Error("That file holds no FastComposer settings; drop a PNG made by this app.")
+    lora, scale = "", gr.update()
+    if record.loras:  # `NAME:SCALE`; restored only when that file is offered here
+        name, _, value = record.loras[0].rpartition(":")
+        if name in loras:
+            lora, scale = name, float(value)
+    return (record.prompt, record.negative_prompt, record.alpha, record.guidance_scale, record.num_inference_steps,
+            record.scheduler, record.seed, record.num_images, record.width, record.height, record.face_crop,
+            speed_of(record.scheduler, record.num_inference_steps, record.cache_interval), record.cache_interval,
+            lora, scale)

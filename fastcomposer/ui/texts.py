@@ -1,0 +1,56 @@
+"""What the page says, and the bundled example photos it offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MAX_SLOTS = 4  # photo slots on the page (and photo_1..photo_4 in the API); Limits.max_subjects caps their use
+ASSETS_ENV = "FASTCOMPOSER_ASSETS"  # a folder holding the example photos, for installs without the repository
+
+HOW_TO = """\
+# FastComposer Studio
+1. Upload one photo per person: photo 1 goes with the first `img`, photo 2 with the second, and so on.
+2. Write a prompt with `img` right after each subject word: *a woman img and a man img hiking in the Alps*.
+3. Press **Generate**. No fine-tuning: one pass per image ([FastComposer](https://arxiv.org/abs/2305.10431)).
+"""
+CONSENT = ("Only use photos of people who agreed to it. Do not create images that deceive, harass or sexualise "
+           "anyone. Uploaded photos are kept only for this session and deleted from the server within an hour.")
+EXAMPLES = [
+    ["a woman img in a sunflower field, golden hour, photo", "astronaut.png", None],
+    ["a woman img and a woman img having tea in a garden", "astronaut.png", "grace_hopper.jpg"],
+    ["a painting of a man img in the style of Van Gogh", "camera.png", None],
+]
+
+# The repository checkout this package sits in (fastcomposer/ui/texts.py -> the repository root).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _has_examples(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() for _, a, b in EXAMPLES for name in (a, b) if name)
+
+
+def find_assets() -> Path | None:
+    """The folder of bundled example photos: $FASTCOMPOSER_ASSETS, else the repository's `assets/`, else
+    `./assets`; None when none of them holds the photos (an installed package: the page then shows no examples).
+    """
+    chosen = os.environ.get(ASSETS_ENV)
+    candidates = [Path(chosen).expanduser()] if chosen else [REPO_ROOT / "assets", Path.cwd() / "assets"]
+    for folder in candidates:
+        if _has_examples(folder):
+            return folder.resolve()
+    logger.info("no example photos found (%s); the page shows no examples", ", ".join(map(str, candidates)))
+    return None
+
+# Gradio draws a run's progress as an opaque overlay on its output. On the gallery that would hide the live
+# previews and the earlier images under it, so the overlay is made see-through, with the bar at the top on a
+# strip of its own, and the animated ETA fill (which covers the whole area) is left out.
+PAGE_CSS = """
+#gallery > .wrap.full:not(.hide):not(.generating) { background: transparent; justify-content: flex-start; }
+#gallery > .wrap .eta-bar { display: none; }
+#gallery > .wrap .progress-level { background: var(--block-background-fill); opacity: 0.92;
+                                   border-radius: var(--radius-sm); padding: var(--size-1) 0; }
+"""
