@@ -284,8 +284,7 @@ def generate(
         return GenerationResult([], [], seed, interrupted=True)
     pipe.use_scheduler(request.scheduler)
     extra = {"callback_on_step_end_tensor_inputs": ["latents", "denoised"]} if on_preview is not None else {}
-    if int(request.cache_interval) > 1:
-        extra["cache_interval"] = int(request.cache_interval)
+    extra["cache_interval"] = int(request.cache_interval)  # explicit: a pipeline's own preset must not add caching
     if request.attention_maps:
         extra["return_attention"] = True
     try:
