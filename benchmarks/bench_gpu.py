@@ -44,7 +44,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="compile our UNet (the baseline stays eager)")
+    parser.add_argument("--preset", choices=["original", "balanced", "fast"], default=None,
+                        help="take sampler, steps and cache interval from a preset (overrides --steps/--scheduler); "
+                        "the baseline runs the same sampler and steps without the cache")
     args = parser.parse_args()
+    cache_interval = 1
+    if args.preset:
+        from fastcomposer.presets import resolve
+
+        plan = resolve(args.preset)
+        args.scheduler, args.steps, cache_interval = plan.scheduler, plan.num_inference_steps, plan.cache_interval
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +74,8 @@ def main() -> None:
                   num_images_per_prompt=args.num_images, output_type="np")
 
     def run_ours():
-        ours("a photo of a woman img in a garden", [photo], generator=torch.Generator().manual_seed(0), **common)
+        ours("a photo of a woman img in a garden", [photo], generator=torch.Generator().manual_seed(0),
+             cache_interval=cache_interval, **common)
 
     def run_baseline():
         baseline("a photo of a woman in a garden", generator=torch.Generator().manual_seed(0), **common)
@@ -91,6 +101,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "size": args.size, "steps": args.steps,
         "scheduler": args.scheduler, "num_images": args.num_images, "compiled": args.compile,
+        "preset": args.preset, "cache_interval": cache_interval,
         "warmup_ours_s": round(warmup_ours, 1), "seconds": times, "median_s": medians,
         "ratio_ours_over_baseline": round(medians["ours"] / medians["baseline"], 4),
         "seconds_per_iteration_ours": round(medians["ours"] / len(ours.scheduler.timesteps), 4),
