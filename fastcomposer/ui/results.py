@@ -13,6 +13,8 @@ from .settings import speed_of
 class ResultsPanel:
     """The components of the results column."""
 
+    # Each image, then its attention map when asked for, so two columns put each map beside its image; a sweep's
+    # grid comes first. Captions carry the identity line (see insight.py).
     gallery: gr.Gallery
     used_seed: gr.Number
     reuse: gr.Button  # copies the seed used into the seed box
@@ -33,8 +35,9 @@ def build_results() -> ResultsPanel:
     with gr.Row():
         used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
         reuse = gr.Button("♻ Reuse seed", size="sm")
+    # No fixed height: at 90 px Gradio's drop zone cut its own "Drop File Here - or - Click to Upload" in half.
     restore_file = gr.File(label="Drop a PNG made here to restore its settings", file_types=[".png"],
-                           type="filepath", height=90)
+                           type="filepath", elem_id="restore")
     stop_tick = gr.Number(0, visible="hidden", elem_id="stop-tick")
     return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), stop_tick)
 
