@@ -98,7 +98,9 @@ def test_progress_shows_once_and_stop_says_what_happened(browser, url, tmp_path,
     assert text.startswith("step ") and "left" in text and len(text) < 40, text
     screenshot(page, tmp_path, "progress")
     page.set_viewport_size({"width": 390, "height": 844})
-    box = page.locator("#gallery .progress-level").first.bounding_box()
+    bar = page.locator("#gallery .progress-level").first
+    bar.wait_for(state="visible", timeout=10_000)  # each preview update drops the bar until it is drawn again
+    box = bar.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits a phone
     screenshot(page, tmp_path, "progress-390", full_page=False, element="#gallery")
     page.set_viewport_size({"width": 1400, "height": 1100})
@@ -155,15 +157,21 @@ def test_several_photos_with_thumbnails_crop_boxes_and_attention_at_two_widths(b
     page.get_by_text("image(s) · seed").wait_for(timeout=120_000)
     page.locator("#gallery").get_by_text("map of image 1").wait_for(timeout=10_000)
     assert page.locator("#gallery img").count() == 2  # the image and its attention map
+    page.locator("#gallery").scroll_into_view_if_needed()  # its images load lazily, once in view
+    page.wait_for_function(IMAGES_LOADED, timeout=30_000)
     screenshot(page, tmp_path, "photos-1400")
     page.set_viewport_size({"width": 390, "height": 844})
     time.sleep(0.5)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways on a phone
     box = page.locator("#slot-1").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    page.locator("#gallery").scroll_into_view_if_needed()
+    page.wait_for_function(IMAGES_LOADED, timeout=30_000)
     screenshot(page, tmp_path, "photos-390")
     page.close()
 
+
+IMAGES_LOADED = "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
 
 # Text inside a component that its own box cuts off (the restore drop zone used to lose its lower half)
 CLIPPED_TEXT = """(selector) => {

@@ -322,7 +322,8 @@ def test_a_stopped_sweep_keeps_its_finished_alphas_and_progress_covers_all_runs(
     gallery, seed, status = job.result(timeout=60)
     assert status == message and seed == 13
     captions = [item["caption"] for item in gallery]
-    assert captions[0].startswith("unfinished · ") and captions[1:] == ["alpha sweep · seed 13", "α 0.50"]
+    # the unfinished preview, the finished alpha (its grid, then its image), then this session's earlier images
+    assert captions[0].startswith("unfinished · ") and captions[1:3] == ["alpha sweep · seed 13", "α 0.50"]
     assert read_record(image_path(gallery[2])).alpha == 0.5
     lengths = {length for _, length, _ in seen if length}
     assert lengths == {3 * 7}  # one bar over the three runs (PNDM: 6 steps + 1 each)

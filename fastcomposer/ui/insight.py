@@ -50,10 +50,12 @@ def identity_default() -> tuple[bool, str]:
 def build_insight() -> InsightControls:
     """Lay out the section (inside a Blocks context)."""
     identity_on, identity_info = identity_default()
-    with gr.Row(equal_height=False, elem_id="insight"):
-        attention = gr.Checkbox(label="Show where each subject went", value=False, info=ATTENTION_INFO,
-                                elem_id="attention")
-        identity = gr.Checkbox(label="Check identity", value=identity_on, info=identity_info, elem_id="identity")
+    with gr.Row(equal_height=False, elem_id="insight"):  # columns wrap on a phone; components would not
+        with gr.Column(min_width=240):
+            attention = gr.Checkbox(label="Show where each subject went", value=False, info=ATTENTION_INFO,
+                                    elem_id="attention")
+        with gr.Column(min_width=240):
+            identity = gr.Checkbox(label="Check identity", value=identity_on, info=identity_info, elem_id="identity")
     sweep = gr.Dropdown(SWEEP_CHOICES, value="", allow_custom_value=True, label="Alpha sweep", elem_id="sweep",
                         info="the same seed at several alphas, side by side (one run each); or type your own, "
                         "e.g. 0.4, 0.6, 0.8")

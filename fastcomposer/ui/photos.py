@@ -19,6 +19,7 @@ from .crops import SubjectLoader
 from .texts import MAX_SLOTS
 
 OPEN_SLOTS = 2  # slots shown at first; 3 and 4 wait in an accordion (most prompts have one or two people)
+ROW_PX = 175  # one row of two thumbnails in a slot ("auto" left an interactive gallery far taller than its photos)
 
 
 def paths_of(value) -> list[str]:
@@ -68,12 +69,12 @@ def _slot(k: int, limits: Limits, parts: dict[str, list]) -> None:
         parts["headers"].append(gr.Markdown(header(k, None), elem_id=f"subject-{k + 1}"))
         parts["photos"].append(gr.Gallery(
             label=f"Photos of subject {k + 1}", show_label=False, type="filepath", file_types=["image"],
-            sources=["upload", "clipboard", "webcam"], interactive=True, columns=4, height=150, object_fit="cover",
-            buttons=[], elem_id=f"photo-{k + 1}", elem_classes=["photo-input"]))
+            sources=["upload", "clipboard", "webcam"], interactive=True, columns=2, fit_columns=False, height=ROW_PX,
+            object_fit="cover", buttons=[], elem_id=f"photo-{k + 1}", elem_classes=["photo-input"]))
         parts["previews"].append(gr.Gallery(
-            label=f"What the model sees of subject {k + 1}", show_label=False, interactive=False, columns=4,
-            height=150, object_fit="contain", format="jpeg", buttons=["fullscreen"], visible=False,
-            elem_id=f"preview-{k + 1}", elem_classes=["crop-preview"]))
+            label=f"What the model sees of subject {k + 1}", show_label=False, interactive=False, columns=2,
+            fit_columns=False, height=ROW_PX, object_fit="contain", format="jpeg", buttons=["fullscreen"],
+            visible=False, elem_id=f"preview-{k + 1}", elem_classes=["crop-preview"]))
         parts["statuses"].append(gr.Markdown(elem_id=f"status-{k + 1}", elem_classes=["slot-status"]))
         parts["wholes"].append(gr.CheckboxGroup(
             [(str(j + 1), j + 1) for j in range(limits.max_photos_per_subject)], value=[],
@@ -93,14 +94,17 @@ def build_photo_slots(limits: Limits) -> PhotoSlots:
             with gr.Row(equal_height=False):
                 for k in range(OPEN_SLOTS, MAX_SLOTS):
                     _slot(k, limits, parts)
-    with gr.Row(elem_id="swaps"):
-        swaps = [gr.Button(f"⇄ {k + 1}↔{k + 2}", size="sm", elem_id=f"swap-{k + 1}") for k in range(MAX_SLOTS - 1)]
-    with gr.Row(equal_height=True):
-        face_crop = gr.Checkbox(label="Crop to the face (recommended: the model was trained on head-and-shoulders "
-                                "crops)", value=True, elem_id="face-crop", scale=3)
-        margin = gr.Slider(MARGIN_TIGHT_FACE, MARGIN_HEAD_AND_SHOULDERS, value=DEFAULT_MARGIN, step=0.1,
-                           label="Crop: tight face … head and shoulders", elem_id="crop-margin", scale=2,
-                           info=f"crop side / face width ({DEFAULT_MARGIN:g}: the default)")
+    with gr.Row(elem_id="swaps"):  # narrow buttons: one row on a phone too
+        swaps = [gr.Button(f"⇄ {k + 1}↔{k + 2}", size="sm", min_width=60, elem_id=f"swap-{k + 1}")
+                 for k in range(MAX_SLOTS - 1)]
+    with gr.Row(equal_height=True):  # side by side on a screen; columns (not components) wrap on a phone
+        with gr.Column(min_width=240):
+            face_crop = gr.Checkbox(label="Crop to the face", value=True, elem_id="face-crop",
+                                    info="recommended: the model was trained on head-and-shoulders crops")
+        with gr.Column(min_width=240):
+            margin = gr.Slider(MARGIN_TIGHT_FACE, MARGIN_HEAD_AND_SHOULDERS, value=DEFAULT_MARGIN, step=0.1,
+                               label="Crop: tight face … head and shoulders", elem_id="crop-margin",
+                               info=f"crop side / face width ({DEFAULT_MARGIN:g}: the default)")
     return PhotoSlots(parts["photos"], parts["previews"], parts["statuses"], parts["wholes"], parts["headers"],
                       swaps, face_crop, margin)
 
@@ -115,8 +119,9 @@ def wire_photo_slots(slots: PhotoSlots, loader: SubjectLoader, prompt: gr.Textbo
 
     def shown(k, value, face_crop, whole, margin):
         gallery, status = loader.preview(k, paths_of(value), bool(face_crop), whole or [], margin)
-        # Without face crop the thumbnails above already are what the model sees
-        return gr.update(value=gallery, visible=bool(gallery and face_crop)), status
+        # Without face crop the thumbnails above already are what the model sees. Every photo shows, in rows of two.
+        rows = max(1, -(-len(gallery) // 2))
+        return gr.update(value=gallery, visible=bool(gallery and face_crop), height=rows * ROW_PX), status
 
     def ticks(value, face_crop, whole):
         """The whole-photo choices follow the photos (one number per photo); ticks of removed photos go."""

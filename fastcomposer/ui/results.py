@@ -30,8 +30,9 @@ class ResultsPanel:
 def build_results() -> ResultsPanel:
     """Lay out the results column (inside a Blocks context)."""
     status = gr.Markdown(elem_id="status")  # above the gallery: on a phone, below it would be out of sight
+    # "contain": a sweep's wide grid and a map's legend strip must not be cut to a square
     gallery = gr.Gallery(label="Results", format="png", columns=2, height=520, elem_id="gallery",
-                         buttons=["download", "fullscreen"])
+                         object_fit="contain", buttons=["download", "fullscreen"])
     with gr.Row():
         used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
         reuse = gr.Button("♻ Reuse seed", size="sm")
