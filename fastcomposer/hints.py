@@ -18,14 +18,22 @@ class PromptHint:
     text: str  # one or two short lines for under the prompt box
 
 
-def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int, max_chars: int = 1000) -> PromptHint:
-    """"2 subjects in prompt · 2 photos ✓", or what to change, plus a 77-token meter."""
+def prompt_hint(prompt: str, num_photos: int, tokenizer, max_subjects: int, max_chars: int = 1000,
+                total_photos: int | None = None) -> PromptHint:
+    """"2 subjects in prompt · 2 photos ✓", or what to change, plus a 77-token meter.
+
+    `num_photos` counts subjects with photos; when some have several, `total_photos` (all of them) makes the line
+    read "1 subject in prompt · photos of 1 subject (3 photos) ✓".
+    """
     prompt = prompt or ""
     if len(prompt) > max_chars:  # checked before tokenising: this runs unqueued, on every keystroke
         return PromptHint(False, f"✗ the prompt is {len(prompt)} characters; the limit is {max_chars}")
     markers = count_markers(prompt)
     plural = lambda n: "s" if n != 1 else ""  # noqa: E731
-    counts = f"{markers} subject{plural(markers)} in prompt · {num_photos} photo{plural(num_photos)}"
+    photos = f"{num_photos} photo{plural(num_photos)}"
+    if total_photos is not None and total_photos != num_photos:
+        photos = f"photos of {num_photos} subject{plural(num_photos)} ({total_photos} photos)"
+    counts = f"{markers} subject{plural(markers)} in prompt · {photos}"
     try:
         parsed = parse_prompt(prompt, tokenizer, max_subjects=max_subjects)
     except ValueError as e:

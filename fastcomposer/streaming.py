@@ -12,20 +12,27 @@ thread, its callbacks put events on a queue, and the iterator hands them out as 
 is a small dataclass of numbers and PIL images, so it pickles. Closing the iterator early (`break`,
 `close()`, garbage collection) sets the run's stop flag and waits for the thread: the pipeline ends after
 its current step and nothing keeps running in the background.
+
+`stream_sweep` does the same for an alpha sweep (`sweep.alpha_sweep`): a `RunEvent` before each alpha, then
+that run's events, its `ResultEvent` included, so each finished cell reaches the caller as soon as it exists
+(a sweep stopped at its third alpha still has its first two).
 """
 
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 
 import PIL.Image
 
 from .config import SETTINGS, Limits
 from .generation import GenerationRequest, GenerationResult, generate
+from .sweep import parse_alphas
 
 
 @dataclass
@@ -53,7 +60,16 @@ class ResultEvent:
     result: GenerationResult
 
 
-Event = StepEvent | PreviewEvent | ResultEvent
+@dataclass
+class RunEvent:
+    """A sweep's run `index` (0-based) of `total` starts, at `alpha`."""
+
+    index: int
+    total: int
+    alpha: float
+
+
+Event = StepEvent | PreviewEvent | ResultEvent | RunEvent
 
 
 @dataclass
@@ -117,3 +133,36 @@ def stream_generation(
     finally:
         stop.set()  # a consumer that left early: end the run after the current step
         thread.join()
+
+
+def stream_sweep(
+    pipe,
+    request: GenerationRequest,
+    alphas: Sequence[float],
+    *,
+    subjects: Sequence | None = None,
+    limits: Limits = SETTINGS.limits,
+    previews: bool = True,
+) -> Iterator[Event]:
+    """`sweep.alpha_sweep` as a stream: one seed (drawn once when the request's is -1), one run per alpha.
+
+    Each run is `stream_generation` of the request with only alpha and the seed replaced, so each cell is the
+    image a single run at that alpha gives (the same as `alpha_sweep`). Closing the stream stops the current run
+    and starts no other; a run that ends interrupted ends the sweep.
+
+    Yields:
+        Per alpha, a `RunEvent`, then that run's `StepEvent`s, `PreviewEvent`s and its `ResultEvent`.
+
+    Raises:
+        ValueError: `alphas` is not a valid sweep (`sweep.parse_alphas`). Otherwise what `generate` raises.
+    """
+    alphas = parse_alphas(alphas)
+    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
+    for k, alpha in enumerate(alphas):
+        yield RunEvent(k, len(alphas), alpha)
+        run = replace(request, alpha=alpha, seed=seed)
+        with closing(stream_generation(pipe, run, subjects=subjects, limits=limits, previews=previews)) as events:
+            for event in events:
+                yield event
+                if isinstance(event, ResultEvent) and event.result.interrupted:
+                    return

@@ -21,12 +21,16 @@ class Args:
     public = True  # public-server settings: internal errors hidden
 
 
+def photos(*paths: str) -> list[dict]:
+    """One subject's photos, as gradio_client sends a gallery (the /generate API's photo_1 ... photo_4)."""
+    return [{"image": handle_file(str(path)), "caption": None} for path in paths]
+
+
 def request(**overrides) -> dict:
     """Keyword arguments for `client.predict(..., api_name="/generate")`: one photo, 2 steps, 256 px."""
     args = dict(prompt="a woman img reading", negative="", alpha=0.75, guidance=5.0, steps=2, sampler="pndm",
-                seed=-1, num_images=1, width=256, height=256, face_crop=True, photo_1=handle_file(ASTRONAUT),
-                photo_2=None, photo_3=None, photo_4=None, whole_1=False, whole_2=False, whole_3=False,
-                whole_4=False)
+                seed=-1, num_images=1, width=256, height=256, face_crop=True, photo_1=photos(ASTRONAUT),
+                photo_2=None, photo_3=None, photo_4=None, whole_1=[], whole_2=[], whole_3=[], whole_4=[])
     args.update(overrides)
     return args
 

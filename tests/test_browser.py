@@ -1,5 +1,6 @@
-"""A real browser: Debian's Chromium, driven by Playwright, uploads a photo, generates, watches the progress
-and presses Stop. Screenshots (1400 and 390 px wide) go to tmp_path and to $FASTCOMPOSER_ARTIFACTS when set.
+"""A real browser: Debian's Chromium, driven by Playwright, uploads photos (two for one subject), sees their
+thumbnails and crop boxes, generates with attention maps, watches the progress and presses Stop. Screenshots
+(1400 and 390 px wide) go to tmp_path and to $FASTCOMPOSER_ARTIFACTS when set.
 
 Never downloads a browser. Without Chromium the test is skipped with the reason, except under CI
 (CI=true), where a missing browser is a failure.
@@ -97,7 +98,9 @@ def test_progress_shows_once_and_stop_says_what_happened(browser, url, tmp_path,
     assert text.startswith("step ") and "left" in text and len(text) < 40, text
     screenshot(page, tmp_path, "progress")
     page.set_viewport_size({"width": 390, "height": 844})
-    box = page.locator("#gallery .progress-level").first.bounding_box()
+    bar = page.locator("#gallery .progress-level").first
+    bar.wait_for(state="visible", timeout=10_000)  # each preview update drops the bar until it is drawn again
+    box = bar.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits a phone
     screenshot(page, tmp_path, "progress-390", full_page=False, element="#gallery")
     page.set_viewport_size({"width": 1400, "height": 1100})
@@ -126,14 +129,77 @@ def test_progress_shows_once_and_stop_says_what_happened(browser, url, tmp_path,
     other.close()
 
 
+def test_several_photos_with_thumbnails_crop_boxes_and_attention_at_two_widths(browser, url, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url, wait_until="load")
+    page.locator("#generate").wait_for(timeout=30_000)
+    upload(page, 1, "astronaut.png", "grace_hopper.jpg")
+    upload(page, 2, "camera.png")
+    # Thumbnails of the photos themselves (not file names), then each photo with its crop drawn on it
+    page.wait_for_function("document.querySelectorAll('#photo-1 img').length === 2"
+                           " && document.querySelectorAll('#photo-2 img').length === 1", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#preview-1 img').length === 2", timeout=60_000)
+    page.locator("#status-1").get_by_text("2 photos ✓ (averaged into one subject)").wait_for(timeout=30_000)
+    page.locator("#status-2").get_by_text("photo 2: face found ✓").wait_for(timeout=30_000)
+    assert page.locator("#preview-1").get_by_text("2 · face ✓").count() >= 1
+    page.locator("#prompt textarea").fill("a woman img and a man img in a garden")
+    page.get_by_text("2 subjects in prompt · photos of 2 subjects (3 photos) ✓").wait_for(timeout=30_000)
+    page.locator("#subject-2").get_by_text("man").wait_for(timeout=10_000)  # the slot names its subject word
+    for elem in ("restore", "photo-1"):  # drop zones show their whole text, not the top half of it
+        clipped = page.evaluate(CLIPPED_TEXT, f"#{elem}")
+        assert not clipped, (elem, clipped)
+
+    page.locator("#attention input[type=checkbox]").check()
+    page.get_by_text("Advanced settings").click()
+    for elem, value in (("steps", "2"), ("width", "256"), ("height", "256")):
+        set_number(page, elem, value)
+    page.locator("#generate").click()
+    page.get_by_text("image(s) · seed").wait_for(timeout=120_000)
+    page.locator("#gallery").get_by_text("map of image 1").wait_for(timeout=10_000)
+    assert page.locator("#gallery img").count() == 2  # the image and its attention map
+    page.locator("#gallery").scroll_into_view_if_needed()  # its images load lazily, once in view
+    page.wait_for_function(IMAGES_LOADED, timeout=30_000)
+    screenshot(page, tmp_path, "photos-1400")
+    page.set_viewport_size({"width": 390, "height": 844})
+    time.sleep(0.5)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways on a phone
+    box = page.locator("#slot-1").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    page.locator("#gallery").scroll_into_view_if_needed()
+    page.wait_for_function(IMAGES_LOADED, timeout=30_000)
+    screenshot(page, tmp_path, "photos-390")
+    page.close()
+
+
+IMAGES_LOADED = "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+
+# Text inside a component that its own box cuts off (the restore drop zone used to lose its lower half)
+CLIPPED_TEXT = """(selector) => {
+    const root = document.querySelector(selector);
+    const out = [];
+    for (const el of root.querySelectorAll('*')) {
+        if (!el.childNodes.length || ![...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+        const r = el.getBoundingClientRect();
+        if (!r.height || !el.checkVisibility()) continue;
+        for (let p = el.parentElement; p && p !== root.parentElement; p = p.parentElement) {
+            const s = getComputedStyle(p);
+            if (s.overflow === 'visible' && s.overflowY === 'visible') continue;
+            const b = p.getBoundingClientRect();
+            if (r.bottom > b.bottom + 1 || r.top < b.top - 1) { out.push(el.textContent.trim()); break; }
+        }
+    }
+    return out;
+}"""
+
+
 def prepare(page, url: str, steps: int) -> None:
     """Open the page, upload the astronaut, write a one-subject prompt, set a small size and `steps`."""
     page.goto(url, wait_until="load")  # not "networkidle": the page keeps a heartbeat connection open
     page.locator("#generate").wait_for(timeout=30_000)
 
     # Upload the astronaut photo into slot 1: the crop preview appears with a status.
-    page.locator("#photo-1 input[type=file]").set_input_files(str(ROOT / "assets" / "astronaut.png"))
-    page.locator("#preview-1 img").wait_for(state="visible", timeout=60_000)
+    upload(page, 1, "astronaut.png")
+    page.locator("#preview-1 img").first.wait_for(state="visible", timeout=60_000)
     page.get_by_text("photo 1: face found ✓").wait_for(timeout=30_000)
 
     # The live hint agrees once the prompt has one marker.
@@ -144,6 +210,11 @@ def prepare(page, url: str, steps: int) -> None:
     page.get_by_text("Advanced settings").click()
     for elem, value in (("steps", str(steps)), ("width", "256"), ("height", "256")):
         set_number(page, elem, value)
+
+
+def upload(page, slot: int, *names: str) -> None:
+    """Put bundled photos into a slot's gallery, as a file chooser would."""
+    page.locator(f"#photo-{slot} input[type=file]").first.set_input_files([str(ROOT / "assets" / n) for n in names])
 
 
 def set_number(page, elem: str, value: str) -> None:

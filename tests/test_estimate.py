@@ -1,9 +1,11 @@
-"""The time estimator (estimate.py) against its formula written out, and the event stream (streaming.py)."""
+"""The time estimator (estimate.py) against its formula written out, and the event streams (streaming.py)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -123,3 +125,32 @@ def test_closing_the_stream_stops_the_run(tiny_pipe, monkeypatch):
     assert 3 <= len(calls) <= 5
     time.sleep(0.3)
     assert len(calls) <= 5  # nothing runs on in the background
+
+
+def test_a_sweep_streams_each_run_as_the_single_run_at_that_alpha(tiny_pipe, monkeypatch):
+    from fastcomposer.generation import generate
+    from fastcomposer.streaming import RunEvent, stream_sweep
+
+    photo = PIL.Image.new("RGB", (64, 64), (120, 100, 90))
+    request = GenerationRequest(prompt="a woman img", images=[photo], face_crop=False, num_inference_steps=2,
+                                height=256, width=256, seed=-1, scheduler="dpm")
+    events = list(stream_sweep(tiny_pipe, request, [0.3, 0.9]))
+    starts = [e for e in events if isinstance(e, RunEvent)]
+    results = [e.result for e in events if isinstance(e, ResultEvent)]
+    assert [(e.index, e.total, e.alpha) for e in starts] == [(0, 2, 0.3), (1, 2, 0.9)]
+    assert events.index(starts[1]) > events.index(next(e for e in events if isinstance(e, ResultEvent)))
+    assert results[0].seed == results[1].seed  # one seed, drawn once
+    for result, alpha in zip(results, (0.3, 0.9)):
+        single = generate(tiny_pipe, replace(request, alpha=alpha, seed=result.seed))
+        assert result.records[0].alpha == alpha
+        np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(single.images[0]))
+
+    calls = []
+    forward = tiny_pipe.unet.forward
+    monkeypatch.setattr(tiny_pipe.unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    stream = stream_sweep(tiny_pipe, replace(request, num_inference_steps=3), [0.3, 0.6, 0.9])
+    for event in stream:
+        if isinstance(event, RunEvent) and event.index == 1:
+            break
+    stream.close()  # between two runs: the next one never starts
+    assert len(calls) == 3

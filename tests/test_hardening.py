@@ -32,7 +32,7 @@ from fastcomposer.faces import FaceCropper
 from fastcomposer.pipeline import FastComposerPipelineOutput
 from fastcomposer.prompt import load_tokenizer
 
-from .app_helpers import ASTRONAUT, ROOT, Args, image_path, request
+from .app_helpers import ASTRONAUT, ROOT, Args, image_path, photos, request
 
 
 class FakePipe:
@@ -117,7 +117,7 @@ def test_r1_bomb_is_refused_fast_with_the_limit_then_the_next_request_works(tiny
     assert bomb.stat().st_size < 2_000_000
     start = time.perf_counter()
     with pytest.raises(AppError) as err:
-        client.predict(**request(photo_1=handle_file(str(bomb))), api_name="/generate")
+        client.predict(**request(photo_1=photos(bomb)), api_name="/generate")
     assert time.perf_counter() - start < 10  # includes the upload and the round trip; the refusal is ~0.01 s
     assert "photo 1" in str(err.value) and "megapixels" in str(err.value)
     assert "Traceback" not in str(err.value)
@@ -144,7 +144,7 @@ def test_r4_non_images_are_refused_through_the_app(tiny_app, tmp_path, content, 
     fake = tmp_path / "photo.png"
     fake.write_bytes(content)
     with pytest.raises(AppError, match=message):
-        client.predict(**request(photo_1=handle_file(str(fake))), api_name="/generate")
+        client.predict(**request(photo_1=photos(fake)), api_name="/generate")
 
 
 # -- parameters (R10-R13) ----------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_r1_restoring_settings_never_decodes_the_upload(tiny_app, tmp_path):
 def test_r12_the_unqueued_hint_refuses_huge_prompts_before_tokenising(tiny_app):
     _, client = tiny_app
     start = time.perf_counter()
-    text = client.predict("a woman img " + "x" * 200_000, handle_file(ASTRONAUT), None, None, None, api_name="/hint")
+    text = client.predict("a woman img " + "x" * 200_000, photos(ASTRONAUT), None, None, None, api_name="/hint")
     assert "the limit is 1000" in text and time.perf_counter() - start < 10
 
 
@@ -358,10 +358,11 @@ def test_r24_a_queued_job_of_a_disconnected_browser_never_starts(fake_app):
     with open(ASTRONAUT, "rb") as f:
         uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("astronaut.png", f, "image/png")}).json()[0]
     photo = {"path": uploaded, "orig_name": "astronaut.png", "meta": {"_type": "gradio.FileData"}}
-    # Generate's inputs in page order: the settings, 4 photos, 4 "whole photo" boxes, cache interval, LoRA and its
-    # strength, and the gallery's State (a browser sends null for it)
-    data = ["a woman img reading", "", 0.75, 5.0, 1, "pndm", 1, 1, 256, 256, False, photo, None, None, None,
-            False, False, False, False, 1, "", 0.8, None]
+    # Generate's inputs in page order: the settings, 4 photo galleries, 4 "whole photo" choices, cache interval, LoRA
+    # and its strength, crop margin, attention maps, identity check, alpha sweep, and the gallery's State (a browser
+    # sends null for it)
+    data = ["a woman img reading", "", 0.75, 5.0, 1, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None, None,
+            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
     session = "leaver-session"
     joined = httpx.post(url + "gradio_api/queue/join",

@@ -87,8 +87,8 @@ def test_a_closed_tab_stops_its_running_generation(page, slow_unet):
     with open(ASTRONAUT, "rb") as f:
         uploaded = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("a.png", f, "image/png")}).json()
     photo = {"path": uploaded[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}
-    data = ["a woman img reading", "", 0.75, 5.0, 80, "pndm", 1, 1, 256, 256, False, photo, None, None, None,
-            False, False, False, False, 1, "", 0.8, None]
+    data = ["a woman img reading", "", 0.75, 5.0, 80, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None, None,
+            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
     joined = httpx.post(demo.local_url + "gradio_api/queue/join",
                         json={"data": data, "fn_index": fn_index, "session_hash": "tab", "event_data": None})
@@ -213,3 +213,118 @@ def test_serve_is_the_app_for_an_installed_package(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m fastcomposer serve") and "--preset" in out and "--no-compile" in out
+
+
+# -- photos, crops and what the model did: the parts the page is built from -----------------------------------
+
+
+def test_the_crop_preview_shows_the_crop_on_the_whole_photo():
+    from fastcomposer.ui.crops import OUTSIDE_BRIGHTNESS, PREVIEW_SIDE, draw_crop
+
+    photo = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    preview = draw_crop(photo, (200, 100, 500, 400), (300, 180, 400, 300), (230, 159, 0))
+    assert preview.size == (PREVIEW_SIDE, round(600 * PREVIEW_SIDE / 800))  # the whole photo, as a thumbnail
+    small = np.asarray(photo.resize(preview.size, PIL.Image.Resampling.LANCZOS)).astype(int)
+    out = np.asarray(preview).astype(int)
+    scale = PREVIEW_SIDE / 800
+    x0, y0, x1, y1 = (round(v * scale) for v in (200, 100, 500, 400))
+    np.testing.assert_array_equal(out[y0 + 5: y0 + 20, x0 + 5: x0 + 20], small[y0 + 5: y0 + 20, x0 + 5: x0 + 20])
+    outside = out[5:30, 5:30]
+    assert np.abs(outside - small[5:30, 5:30] * OUTSIDE_BRIGHTNESS).max() <= 1  # dimmed around the crop
+    assert tuple(out[y0 + 1, (x0 + x1) // 2]) == (230, 159, 0)  # the square, in the subject's colour
+    assert tuple(out[round(180 * scale), round(350 * scale)]) == (255, 255, 255)  # the face box's top edge
+    assert draw_crop(photo, None, None, (0, 0, 0)).size == preview.size  # whole photo: nothing drawn
+
+
+def test_each_photo_of_a_slot_gets_a_preview_and_problems_name_the_photo(tmp_path, photos):
+    from fastcomposer.config import SETTINGS
+    from fastcomposer.ui.crops import SubjectLoader
+
+    cropper = FaceCropper(allow_download=False)
+    loader = SubjectLoader(SETTINGS.limits, cropper, [(1, 2, 3), (230, 159, 0)])
+    wall = tmp_path / "wall.png"
+    PIL.Image.new("RGB", (300, 300), (200, 190, 180)).save(wall)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image")
+    gallery, status = loader.preview(1, [ASTRONAUT, str(wall), str(broken)], True, [], 2.0)
+    assert [caption for _, caption in gallery] == ["1 · face ✓", "2 · ✗ no face"]  # the broken one has no picture
+    assert "no face found in photo 2 of subject 2: tick 2 under 'Use whole photo'" in status
+    assert "photo 3 of subject 2 is not a supported image" in status and str(tmp_path) not in status
+    crop = cropper.crop(photos["astronaut"], margin=2.0)  # the square drawn is the crop the model gets
+    assert loader.for_generation(1, [ASTRONAUT], True, [], 2.0)[0].tobytes() == crop.image.tobytes()
+    gallery, status = loader.preview(1, [ASTRONAUT, str(wall)], True, [2], 2.0)
+    assert status == "2 photos ✓ (averaged into one subject)" and gallery[1][1] == "2 · whole photo"
+    wide = loader.for_generation(1, [ASTRONAUT], True, [], 3.2)[0]
+    assert wide.width > crop.image.width  # the margin reaches the crop
+
+
+def test_slot_headers_name_the_subject_words_in_marker_order():
+    from fastcomposer.ui.photos import headers_for
+
+    assert headers_for("a woman img and her_dog img on a beach") == [
+        "**Subject 1** · woman", "**Subject 2** · her\\_dog", "**Subject 3**", "**Subject 4**"]
+    assert headers_for("img at the beach")[0] == "**Subject 1**"  # no word before the marker
+
+
+def test_sweep_field_and_budget():
+    from fastcomposer.config import SETTINGS
+    from fastcomposer.ui.insight import parse_sweep, sweep_problem
+
+    assert parse_sweep("") is None and parse_sweep("off") is None
+    assert parse_sweep("0.5, 0.6 0.7") == [0.5, 0.6, 0.7]
+    for text, message in (("0.7", "2 or more"), ("0.5, 1.5", "between 0 and 1"), ("0.5, 0.5", "differ"),
+                          ("a, b", "not a list of numbers"), (", ".join(["0.1"] * 9), "at most 8")):
+        with pytest.raises(ValueError, match=message):
+            parse_sweep(text)
+    limits = SETTINGS.limits
+    # every run counts: alphas x images x steps x pixels / 512^2 against the budget
+    assert sweep_problem([0.5, 0.7], 2, 50, 512, 512, limits) is None  # 200
+    assert "make 300 image-steps" in sweep_problem([0.5, 0.6, 0.7], 2, 50, 512, 512, limits)
+    assert sweep_problem([0.5, 0.7], 4, 50, 256, 256, limits) is None  # 100
+    assert sweep_problem([0.5, 0.7], "?", 50, 256, 256, limits) is None  # left to the request's own checks
+
+
+def test_identity_is_on_by_default_only_where_its_weights_are(monkeypatch, tmp_path):
+    from fastcomposer.identity import ARCFACE
+    from fastcomposer.ui.insight import IDENTITY_OFF, IDENTITY_ON, identity_default
+
+    monkeypatch.setenv("FASTCOMPOSER_CACHE", str(tmp_path))
+    assert identity_default() == (False, IDENTITY_OFF)
+    ARCFACE.path().parent.mkdir(parents=True)
+    ARCFACE.path().write_bytes(b"weights")
+    assert identity_default() == (True, IDENTITY_ON)
+
+
+def test_slot_colours_are_the_attention_colours():
+    from fastcomposer.attention import SUBJECT_COLOURS
+    from fastcomposer.ui.texts import page_css
+
+    css = page_css(SUBJECT_COLOURS)
+    for k, (r, g, b) in enumerate(SUBJECT_COLOURS):
+        assert f"#slot-{k + 1} {{ border-left-color: rgb({r}, {g}, {b}); }}" in css
+
+
+def test_a_stopped_sweep_keeps_its_finished_alphas_and_progress_covers_all_runs(page, slow_unet):
+    _, client = page
+    job = client.submit(**request(steps=6, seed=13, alpha_sweep="0.5, 0.6, 0.7"), api_name="/generate")
+    seen = []
+    while not job.done():
+        status = job.status()
+        if status.progress_data:
+            unit = status.progress_data[0]
+            seen.append((unit.index, unit.length, unit.desc))
+            if unit.desc and unit.desc.startswith("α 0.60 2/3 · step 3/"):
+                break
+        time.sleep(0.02)
+    message = client.predict(api_name="/stop")
+    assert message.startswith("Stopped at step ") and message.endswith(" of alpha 0.60; the finished alphas (0.50) "
+                                                                       "are kept.")
+    gallery, seed, status = job.result(timeout=60)
+    assert status == message and seed == 13
+    captions = [item["caption"] for item in gallery]
+    # the unfinished preview, the finished alpha (its grid, then its image), then this session's earlier images
+    assert captions[0].startswith("unfinished · ") and captions[1:3] == ["alpha sweep · seed 13", "α 0.50"]
+    assert read_record(image_path(gallery[2])).alpha == 0.5
+    lengths = {length for _, length, _ in seen if length}
+    assert lengths == {3 * 7}  # one bar over the three runs (PNDM: 6 steps + 1 each)
+    assert max(index for index, length, _ in seen if length) > 7  # it went on past the first run

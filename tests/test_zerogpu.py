@@ -8,6 +8,7 @@ the worker cannot send back, fails here.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import pickle
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app as app_module
@@ -25,7 +26,7 @@ from fastcomposer.faces import FaceCropper
 from fastcomposer.metadata import read_record
 from fastcomposer.ui import gpu
 
-from .app_helpers import HOPPER, Args, image_path, request
+from .app_helpers import ASTRONAUT, HOPPER, Args, image_path, photos, request
 from .test_hardening import FakePipe
 
 FAKE_SPACES = str(Path(__file__).parent / "fake_spaces")
@@ -109,7 +110,7 @@ def test_one_and_two_subjects_come_back_with_progress_and_previews(zerogpu_app, 
     assert previews  # live previews came back from the worker too
 
     gallery, _, _ = client.predict(**request(prompt="a woman img and a woman img having tea", num_images=2,
-                                             photo_2=handle_file(HOPPER), steps=2), api_name="/generate")
+                                             photo_2=photos(HOPPER), steps=2), api_name="/generate")
     assert len(gallery) == 2
     calls = spaces.calls[calls_before:]
     assert [c["function"] for c in calls] == ["run_generation", "run_generation"]
@@ -151,3 +152,34 @@ def test_stop_reaches_the_worker_and_the_page_says_so(zerogpu_app, slow_unet):
     assert len(gallery) == 2  # the unfinished preview, then the earlier result, still there
     time.sleep(0.5)
     assert not multiprocessing.active_children()
+
+
+def test_several_photos_per_subject_and_a_sweep_cross_to_the_worker(zerogpu_app, spaces):
+    """The photos of a subject travel as a list of crops; a sweep is one GPU call that reserves for all its runs."""
+    _, client = zerogpu_app
+    calls_before = len(spaces.calls)
+    gallery, _, _ = client.predict(**request(prompt="a woman img and a woman img having tea", seed=2,
+                                             photo_1=photos(HOPPER, ASTRONAUT), photo_2=photos(HOPPER)),
+                                   api_name="/generate")
+    assert read_record(image_path(gallery[0])).photos_per_subject == [2, 1]
+    gallery, _, status = client.predict(**request(seed=2, alpha_sweep="0.4, 0.8", attention_maps=True),
+                                        api_name="/generate")
+    assert [item["caption"] for item in gallery] == ["alpha sweep · seed 2", "where each subject went", "α 0.40",
+                                                     "α 0.40 · map of image 1", "α 0.80", "α 0.80 · map of image 1"]
+    assert [c["function"] for c in spaces.calls[calls_before:]] == ["run_generation", "run_generation"]
+    assert not multiprocessing.active_children()
+
+
+def test_a_sweep_reserves_gpu_time_for_every_run():
+    from fastcomposer.estimate import Estimator, Hardware
+    from fastcomposer.generation import GenerationRequest
+
+    estimator = Estimator(Hardware("zerogpu", "fp16"))
+    key = gpu.register(gpu.Engine(lambda: None, None, estimator))
+    request_ = GenerationRequest(prompt="a woman img", images=[None], num_inference_steps=30)
+    one_run = estimator.seconds(gpu.workload(request_, [[None]]))
+    for alphas in (None, [0.5, 0.7], [0.3, 0.5, 0.7, 0.9]):
+        runs = len(alphas) if alphas else 1
+        wanted = math.ceil(gpu.ZEROGPU_OVERHEAD_S + gpu.ZEROGPU_MARGIN * (one_run * runs))
+        expected = min(gpu.ZEROGPU_MAX_DURATION_S, max(gpu.ZEROGPU_MIN_DURATION_S, wanted))
+        assert gpu.gpu_duration(key, request_, [[None]], [], alphas) == expected

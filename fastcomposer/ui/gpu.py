@@ -4,9 +4,9 @@ ZeroGPU (the `spaces` package, 0.51) runs a decorated function in a process fork
 sends its arguments and results pickled (spaces/zero/wrappers.py). What follows from its source:
 
 - The decorated function, `run_generation`, takes only small picklable values: a key, the request with
-  its prepared photos, and LoRA specs. It finds the pipeline in module state (`ENGINES`), filled at
-  start-up in the main process, which the fork inherits; a pipeline or a closure among the arguments
-  would be pickled (or fail to be) on every call.
+  its prepared photos, LoRA specs, and the alphas of a sweep. It finds the pipeline in module state
+  (`ENGINES`), filled at start-up in the main process, which the fork inherits; a pipeline or a closure
+  among the arguments would be pickled (or fail to be) on every call.
 - It is a generator. spaces' `generator_function_wrapper` sends each yielded value to the main process
   as it comes, so steps, previews and the result stream back. Its `gr.Progress` forwarding (the patched
   `Queue.set_progress`) is meant for plain functions, and its own source marks it "not working properly"
@@ -76,25 +76,28 @@ def workload(request, subjects) -> Workload:
                        request.guidance_scale)
 
 
-def gpu_duration(key: str, request, subjects, loras) -> int:
-    """Seconds of GPU time to reserve for one call (spaces calls this with `run_generation`'s arguments)."""
-    seconds = ENGINES[key].estimator.seconds(workload(request, subjects))
+def gpu_duration(key: str, request, subjects, loras, alphas: list[float] | None = None) -> int:
+    """Seconds of GPU time to reserve for one call (spaces calls this with `run_generation`'s arguments): a sweep
+    reserves for all of its runs, which run in the one call."""
+    seconds = ENGINES[key].estimator.seconds(workload(request, subjects)) * max(1, len(alphas or ()))
     wanted = math.ceil(ZEROGPU_OVERHEAD_S + ZEROGPU_MARGIN * seconds)
     return int(min(ZEROGPU_MAX_DURATION_S, max(ZEROGPU_MIN_DURATION_S, wanted)))
 
 
-def run_generation(key: str, request, subjects: list, loras: list[str]) -> Iterator:
-    """Apply the LoRAs and stream one generation: `streaming` events, or one `Failed`.
+def run_generation(key: str, request, subjects: list, loras: list[str], alphas: list[float] | None = None) -> Iterator:
+    """Apply the LoRAs and stream one generation, or an alpha sweep: `streaming` events, or one `Failed`.
 
     Args:
         key: from `register`.
         request: a `GenerationRequest` whose seed is already drawn.
         subjects: per subject, the images the encoder sees (already cropped).
         loras: `PATH:SCALE` specs of local files ([] for none).
+        alphas: a sweep's alphas (`streaming.stream_sweep`), all in this one call so ZeroGPU reserves the GPU
+            once; None for one run at `request.alpha`.
     """
     from ..generation import GenerationError
     from ..lora import LoraError, apply_loras
-    from ..streaming import stream_generation
+    from ..streaming import stream_generation, stream_sweep
 
     engine = ENGINES[key]
     pipe = engine.get_pipeline()
@@ -105,7 +108,10 @@ def run_generation(key: str, request, subjects: list, loras: list[str]) -> Itera
         yield Failed(str(e), "LoRA problem")
         return
     try:
-        yield from stream_generation(pipe, request, subjects=subjects, limits=engine.limits)
+        if alphas:
+            yield from stream_sweep(pipe, request, alphas, subjects=subjects, limits=engine.limits)
+        else:
+            yield from stream_generation(pipe, request, subjects=subjects, limits=engine.limits)
     except GenerationError as e:
         yield Failed(e.message_for("page"), "Could not generate")
 

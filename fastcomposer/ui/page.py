@@ -16,7 +16,9 @@ import gradio as gr
 
 from ..config import SETTINGS, Settings
 from ..estimate import Estimator, Hardware
-from .photos import PhotoSlots, SubjectLoader, build_photo_slots, wire_photo_slots
+from .crops import SubjectLoader
+from .insight import InsightControls, build_insight
+from .photos import PhotoSlots, build_photo_slots, wire_photo_slots
 from .results import ResultsPanel, build_results, restore
 from .settings import SettingsControls, SpeedAdvice, build_settings, build_speed, wire_hint, wire_speed
 from .texts import CONSENT, EXAMPLES, HOW_TO, find_assets
@@ -58,6 +60,7 @@ def create_demo(
         preset_reason: why that is the default, shown on the page (with `preset`).
         assets: the folder of bundled example photos; "auto" finds it (`texts.find_assets`), None hides examples.
     """
+    from ..attention import SUBJECT_COLOURS
     from ..faces import default_cropper
     from ..lora import list_local_loras
     from ..presets import default_app_preset
@@ -71,7 +74,7 @@ def create_demo(
         preset, preset_reason = default_app_preset("cuda" if hardware.device == "zerogpu" else hardware.device)
     estimator = Estimator(hardware)
     tokenizer = load_tokenizer()
-    loader = SubjectLoader(limits, cropper or default_cropper())
+    loader = SubjectLoader(limits, cropper or default_cropper(), SUBJECT_COLOURS)
     loras = {path.name: path for path in list_local_loras()}
     key = register(Engine(get_pipeline, limits, estimator))
     handlers = Handlers(key=key, runner=on_gpu(run_generation), estimator=estimator, loader=loader,
@@ -86,8 +89,9 @@ def create_demo(
         gr.Markdown(f"<small>{CONSENT}</small>", elem_id="consent")
         with gr.Row():
             with gr.Column(scale=5):
-                slots = build_photo_slots()
+                slots = build_photo_slots(limits)
                 controls = build_settings(d, limits, preset, loras)
+                insight = build_insight()
                 build_speed(controls, advice, d)
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -95,10 +99,11 @@ def create_demo(
             with gr.Column(scale=4):
                 results = build_results()
         if assets_dir is not None:
-            gr.Examples([[p, str(assets_dir / a), str(assets_dir / b) if b else None] for p, a, b in EXAMPLES],
-                        inputs=[controls.prompt, slots.files[0], slots.files[1]],
+            gr.Examples([[p, [str(assets_dir / a)], [str(assets_dir / b)] if b else None] for p, a, b in EXAMPLES],
+                        inputs=[controls.prompt, slots.photos[0], slots.photos[1]],
                         label="Examples (public-domain photos)")
-        _wire(_Page(slots, controls, results, go, stop_btn, handlers, loader, advice, tokenizer, settings, loras))
+        _wire(_Page(slots, controls, insight, results, go, stop_btn, handlers, loader, advice, tokenizer, settings,
+                    loras))
     demo.assets_dir = assets_dir  # `launch` serves this folder (and no other)
     return demo
 
@@ -109,6 +114,7 @@ class _Page:
 
     slots: PhotoSlots
     controls: SettingsControls
+    insight: InsightControls
     results: ResultsPanel
     go: gr.Button
     stop_btn: gr.Button
@@ -123,14 +129,16 @@ class _Page:
 def _wire(page: _Page) -> None:
     """The events: previews and hints, Speed, Generate, Stop, seed reuse, restore."""
     c, slots, results, handlers, server = page.controls, page.slots, page.results, page.handlers, page.settings.server
-    wire_photo_slots(slots, page.loader)
-    wire_hint(c, slots.files, page.tokenizer, page.settings.limits)
+    wire_photo_slots(slots, page.loader, c.prompt)
+    wire_hint(c, slots.photos, page.tokenizer, page.settings.limits)
     wire_speed(c, page.advice)
 
     # Generate: the first 11 inputs are also what a restored PNG sets (results.restore keeps this order)
     settings_inputs = [c.prompt, c.negative, c.alpha, c.guidance, c.steps, c.sampler, c.seed, c.num_images, c.width,
                        c.height, slots.face_crop]
-    inputs = [*settings_inputs, *slots.files, *slots.wholes, c.cache_interval, c.lora, c.lora_scale, results.shown]
+    insight = page.insight
+    inputs = [*settings_inputs, *slots.photos, *slots.wholes, c.cache_interval, c.lora, c.lora_scale, slots.margin,
+              insight.attention, insight.identity, insight.sweep, results.shown]  # run.py's parameters, in order
     outputs = [results.gallery, results.used_seed, results.status, results.shown]
     common = dict(concurrency_id=server.concurrency_id, concurrency_limit=1, validator=handlers.check_before_queue,
                   show_progress_on=[results.gallery])  # one progress bar, on the gallery

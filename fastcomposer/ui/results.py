@@ -13,6 +13,8 @@ from .settings import speed_of
 class ResultsPanel:
     """The components of the results column."""
 
+    # Each image, then its attention map when asked for, so two columns put each map beside its image; a sweep's
+    # grid comes first. Captions carry the identity line (see insight.py).
     gallery: gr.Gallery
     used_seed: gr.Number
     reuse: gr.Button  # copies the seed used into the seed box
@@ -28,13 +30,15 @@ class ResultsPanel:
 def build_results() -> ResultsPanel:
     """Lay out the results column (inside a Blocks context)."""
     status = gr.Markdown(elem_id="status")  # above the gallery: on a phone, below it would be out of sight
+    # "contain": a sweep's wide grid and a map's legend strip must not be cut to a square
     gallery = gr.Gallery(label="Results", format="png", columns=2, height=520, elem_id="gallery",
-                         buttons=["download", "fullscreen"])
+                         object_fit="contain", buttons=["download", "fullscreen"])
     with gr.Row():
         used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
         reuse = gr.Button("♻ Reuse seed", size="sm")
+    # No fixed height: at 90 px Gradio's drop zone cut its own "Drop File Here - or - Click to Upload" in half.
     restore_file = gr.File(label="Drop a PNG made here to restore its settings", file_types=[".png"],
-                           type="filepath", height=90)
+                           type="filepath", elem_id="restore")
     stop_tick = gr.Number(0, visible="hidden", elem_id="stop-tick")
     return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), stop_tick)
 

@@ -16,7 +16,7 @@ import gradio as gr
 from ..config import SETTINGS, Settings
 from ..estimate import is_zerogpu
 from ..presets import PRESET_ENV, PRESETS
-from .texts import PAGE_CSS, REPO_ROOT
+from .texts import REPO_ROOT, page_css
 
 logger = logging.getLogger("fastcomposer.app")
 
@@ -139,6 +139,7 @@ def hardware_of(pipe):
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTINGS, **kwargs) -> None:
     """Queue and serve `demo` with the limits in `settings` (see README, "Limits and safety")."""
+    from ..attention import SUBJECT_COLOURS
     from ..weights import cache_dir
 
     server = settings.server
@@ -156,7 +157,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         max_file_size=settings.limits.max_file_size,
         allowed_paths=[*([str(assets)] if assets else []), *kwargs.pop("allowed_paths", [])],  # extras: tests
         blocked_paths=blocked,
-        css=kwargs.pop("css", PAGE_CSS),
+        css=kwargs.pop("css", page_css(SUBJECT_COLOURS)),
         **kwargs,
     )
 

@@ -150,13 +150,16 @@ def wire_speed(c: SettingsControls, advice: SpeedAdvice) -> None:
     gr.on([x.change for x in size], lambda *v: advice.note(*v), [c.speed, *three, *size], c.speed_note, **quiet)
 
 
-def wire_hint(c: SettingsControls, files: list, tokenizer, limits: Limits) -> None:
-    """The live "2 subjects in prompt · 2 photos ✓" line, unqueued (it runs on every keystroke)."""
+def wire_hint(c: SettingsControls, galleries: list, tokenizer, limits: Limits) -> None:
+    """The live "2 subjects in prompt · 2 photos ✓" line, unqueued (it runs on every keystroke). It counts subjects
+    (slots with photos), not photos: a subject's several photos fill one `img`."""
     from ..hints import prompt_hint
+    from .photos import photos_of
 
-    def hint(prompt: str, *paths: str | None) -> str:
-        count = sum(1 for path in paths if path)
-        return prompt_hint(prompt, count, tokenizer, limits.max_subjects, limits.max_prompt_chars).text
+    def hint(prompt: str, *values) -> str:
+        subjects = photos_of(list(values))
+        return prompt_hint(prompt, len(subjects), tokenizer, limits.max_subjects, limits.max_prompt_chars,
+                           total_photos=sum(len(paths) for _, paths in subjects)).text
 
-    gr.on([c.prompt.change, *(f.change for f in files)], hint, [c.prompt, *files], c.hint, api_name="hint",
+    gr.on([c.prompt.change, *(g.change for g in galleries)], hint, [c.prompt, *galleries], c.hint, api_name="hint",
           queue=False)

@@ -13,7 +13,8 @@ ASSETS_ENV = "FASTCOMPOSER_ASSETS"  # a folder holding the example photos, for i
 
 HOW_TO = """\
 # FastComposer Studio
-1. Upload one photo per person: photo 1 goes with the first `img`, photo 2 with the second, and so on.
+1. Add photos of each person, one slot per person (1-4 photos each: more photos, steadier likeness). Subject 1
+   goes with the first `img`, subject 2 with the second, and so on.
 2. Write a prompt with `img` right after each subject word: *a woman img and a man img hiking in the Alps*.
 3. Press **Generate**. No fine-tuning: one pass per image ([FastComposer](https://arxiv.org/abs/2305.10431)).
 """
@@ -48,9 +49,20 @@ def find_assets() -> Path | None:
 # Gradio draws a run's progress as an opaque overlay on its output. On the gallery that would hide the live
 # previews and the earlier images under it, so the overlay is made see-through, with the bar at the top on a
 # strip of its own, and the animated ETA fill (which covers the whole area) is left out.
+# Captions may wrap: an identity line ("woman 0.62 · man not found") cut to its first word would say nothing.
 PAGE_CSS = """
 #gallery > .wrap.full:not(.hide):not(.generating) { background: transparent; justify-content: flex-start; }
 #gallery > .wrap .eta-bar { display: none; }
 #gallery > .wrap .progress-level { background: var(--block-background-fill); opacity: 0.92;
                                    border-radius: var(--radius-sm); padding: var(--size-1) 0; }
+#gallery .caption-label { white-space: normal; overflow: visible; text-overflow: clip; }
+.subject-slot { border-left: 4px solid transparent; padding-left: var(--size-2); }
 """
+
+
+def page_css(colours) -> str:
+    """PAGE_CSS, plus each slot's left edge in its subject's colour (the colour of its crop square and of its
+    attention map), so the order of the subjects shows at a glance."""
+    edges = "\n".join(f"#slot-{k + 1} {{ border-left-color: rgb({r}, {g}, {b}); }}"
+                       for k, (r, g, b) in enumerate(colours))
+    return PAGE_CSS + edges + "\n"
