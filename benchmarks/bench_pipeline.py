@@ -113,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--same-photo", action="store_true",
                         help="reuse one photo, so ours hits its subject-embedding cache after the warm-up "
                              "(default: a new photo each call, so the CLIP vision pass is timed)")
+    parser.add_argument("--with-attention", action="store_true",
+                        help="also time ours with return_attention=True (capture on), beside ours with it off")
     return parser.parse_args()
 
 
@@ -139,6 +141,11 @@ def main() -> None:
                              **common),
         "baseline": lambda: baseline(BASELINE_PROMPT, generator=torch.Generator().manual_seed(args.seed), **common),
     }
+    if args.with_attention:  # both of ours draw from one photo iterator: make it long enough for both
+        photos = iter([photo] * (2 * args.repeats + 2) if args.same_photo else
+                      [one_pixel_variant(photo, k) for k in range(2 * args.repeats + 2)])
+        runs["ours_attention"] = lambda: ours(OURS_PROMPT, [next(photos)], return_attention=True,
+                                              generator=torch.Generator().manual_seed(args.seed), **common)
 
     warmup = {}
     for name, fn in runs.items():  # first calls pay for allocator growth, kernel selection, lazy imports
@@ -174,6 +181,8 @@ def main() -> None:
         "seconds": seconds,
         "median_s": {k: round(v, 4) for k, v in medians.items()},
         "ratio": round(medians["ours"] / medians["baseline"], 4),
+        **({"attention_on_over_off": round(medians["ours_attention"] / medians["ours"], 4)}
+           if "ours_attention" in medians else {}),
         "ratio_target": 1.02,
         # Other processes on a shared machine distort CPU timings; a 1-minute load above the core count says so.
         "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
