@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .messages import UserFacingError, Wording, escape
+
 logger = logging.getLogger(__name__)
 
 HUB_DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' trainers save, and load by default
@@ -41,8 +43,18 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMPONENTS = ("unet", "text_encoder")  # what a Stable Diffusion 1.5 LoRA may change
 
 
-class LoraError(ValueError):
-    """A LoRA that cannot be used as given; the message names the file and the fix."""
+class LoraError(UserFacingError, ValueError):
+    """A LoRA that cannot be used as given; the message names the file and the fix, worded for where it shows.
+
+    The web page names a LoRA by its file name only (it lists files from the server's folder, whose path must not
+    reach visitors); the command line names the `--lora` value; Python code names the spec it was given.
+    """
+
+
+def _lora_ref(spec: str, name: str | None = None) -> Wording:
+    """How each audience names one LoRA: `name` (a file name) on the page, the flag on the command line."""
+    shown = name if name is not None else Path(spec).name or spec
+    return Wording(escape(f"the LoRA {shown}"), escape(f"--lora {spec}"), escape(f"LoRA {spec!r}"))
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,8 @@ def _split_scale(spec: str) -> tuple[str, float | None]:
     except ValueError:
         return spec, None
     if not math.isfinite(scale):
-        raise LoraError(f"--lora {spec!r}: the scale must be a finite number, got {tail!r}")
+        raise LoraError(Wording.same("{lora}: the scale must be a finite number, got {got}"),
+                        lora=_lora_ref(spec), got=repr(tail))
     return head, scale
 
 
@@ -104,7 +117,9 @@ def parse_lora_spec(spec: str | LoraSpec) -> LoraSpec:
         return spec
     text = str(spec).strip()
     if not text:
-        raise LoraError("--lora needs a file or a Hub repo, e.g. --lora style.safetensors:0.8")
+        raise LoraError(Wording(page="choose a LoRA from the list, or none",
+                                cli="--lora needs a file or a Hub repo, e.g. --lora style.safetensors:0.8",
+                                api="a LoRA spec needs a file or a Hub repo, e.g. 'style.safetensors:0.8'"))
     if Path(text).expanduser().exists():
         return LoraSpec(text)
     source, scale = _split_scale(text)
@@ -147,21 +162,26 @@ def lora_file(lora: LoraSpec, allow_download: bool = True) -> Path:
             return Path(hf_hub_download(lora.source, filename, local_files_only=not allow_download))
         except Exception as e:  # offline, missing repo or file, auth: all end the same way for the user
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}"
-            raise LoraError(
-                f"the LoRA {lora.source}/{filename} could not be downloaded from the Hugging Face Hub ({reason}). "
-                f"Download {filename} from https://huggingface.co/{lora.source} by hand and pass its path: "
-                f"--lora PATH/{Path(filename).name}:{lora.scale:g}"
-            ) from e
+            told = (f"the LoRA {lora.source}/{filename} could not be downloaded from the Hugging Face Hub ({reason}). "
+                    f"Download {filename} from https://huggingface.co/{lora.source} by hand and ")
+            by_hand = f"PATH/{Path(filename).name}:{lora.scale:g}"
+            raise LoraError(Wording(page=escape(told + "put it in the server's LoRA folder"),
+                                    cli=escape(told + f"pass its path: --lora {by_hand}"),
+                                    api=escape(told + f"pass its path: '{by_hand}'"))) from e
     path = Path(lora.source).expanduser()
     if path.is_dir():
         candidates = [path / HUB_DEFAULT_FILE] if (path / HUB_DEFAULT_FILE).is_file() else list_local_loras(path)
         if len(candidates) != 1:
-            raise LoraError(f"--lora {path}: expected one .safetensors file in the folder, found {len(candidates)}")
+            raise LoraError(Wording.same("{lora}: expected one .safetensors file in the folder, found {found}"),
+                            lora=_lora_ref(lora.source), found=len(candidates))
         path = candidates[0]
     if not path.is_file():
-        raise LoraError(f"--lora {path}: no such file")
+        raise LoraError(Wording(page="{lora} is no longer on the server; reload the page and choose again",
+                                cli="{lora}: no such file; check the path", api="{lora}: no such file"),
+                        lora=_lora_ref(lora.source))
     if path.suffix.lower() != ".safetensors":
-        raise LoraError(f"--lora {path}: only .safetensors LoRAs are loaded (pickled files can run code)")
+        raise LoraError(Wording.same("{lora}: only .safetensors LoRAs are loaded (pickled files can run code)"),
+                        lora=_lora_ref(lora.source))
     return path
 
 
@@ -208,6 +228,15 @@ def _shape_problem(module: torch.nn.Module, key: str, value: torch.Tensor, rank:
     return None if ok else f"has shape {shape}, the layer needs {expected}"
 
 
+def _unusable(path: Path, what: str, error: Exception) -> LoraError:
+    """A file that failed to read or load. The library's reason goes to the command line and Python only: it
+    may quote server paths, which the page never shows."""
+    reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+    told = f"the LoRA {path.name} {what}"
+    return LoraError(Wording(page=escape(f"{told}: the file is damaged or is not a LoRA"),
+                             cli=escape(f"{told}: {reason}"), api=escape(f"{told}: {reason}")))
+
+
 def check_lora(pipe, path: Path) -> None:
     """Refuse a LoRA file unless every key lands on a layer of `pipe` with a matching shape.
 
@@ -220,7 +249,7 @@ def check_lora(pipe, path: Path) -> None:
     try:
         state_dict, _alphas = type(pipe).lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
     except Exception as e:  # an unreadable file, or kohya keys diffusers cannot rename
-        raise LoraError(f"the LoRA {path.name} could not be read: {str(e).strip().splitlines()[-1][:300]}") from e
+        raise _unusable(path, "could not be read", e) from e
     if not state_dict:
         raise LoraError(f"the LoRA {path.name} holds no weights")
 
@@ -338,7 +367,7 @@ def load_lora(pipe, lora: LoraSpec, allow_download: bool = True) -> str:
     except Exception as e:
         if any(name in names for names in pipe.get_list_adapters().values()):
             pipe.delete_adapters(name)
-        raise LoraError(f"the LoRA {path.name} could not be loaded: {str(e).strip().splitlines()[-1][:300]}") from e
+        raise _unusable(path, "could not be loaded", e) from e
     loaded[str(path)] = (name, stamp)
     logger.info("loaded LoRA %s as adapter %r", path.name, name)
     return name
@@ -380,7 +409,10 @@ def apply_loras(pipe, loras: Sequence[str | LoraSpec], allow_download: bool = Tr
         names = [lora.adapter_name for lora in active]
         twice = sorted({lora.name for lora in active if names.count(lora.adapter_name) > 1})
         if twice:
-            raise LoraError(f"--lora {', '.join(twice)} was given twice; give each LoRA once, with one scale")
+            raise LoraError(Wording(page="{names}: the same LoRA was chosen twice; choose each once",
+                                    cli="--lora {names} was given twice; give each LoRA once, with one scale",
+                                    api="{names} was given twice in the LoRA list; give each once, with one scale"),
+                            names=", ".join(twice))
     except LoraError:
         _activate(pipe, previous)  # loading switched adapters on: put the previous set back
         raise

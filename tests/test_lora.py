@@ -309,10 +309,33 @@ def test_a_file_that_is_not_a_lora(pipe, tmp_path):
 def test_a_hub_lora_offline_says_how_to_supply_it(pipe):
     with pytest.raises(LoraError) as info:
         apply_loras(pipe, ["latent-consistency/lcm-lora-sdv1-5:0.9"])
-    message = str(info.value)
-    assert "could not be downloaded" in message and "by hand" in message
-    assert "https://huggingface.co/latent-consistency/lcm-lora-sdv1-5" in message
-    assert "--lora PATH/pytorch_lora_weights.safetensors:0.9" in message
+    for audience in ("page", "cli", "api"):
+        message = info.value.message_for(audience)
+        assert "could not be downloaded" in message and "by hand" in message
+        assert "https://huggingface.co/latent-consistency/lcm-lora-sdv1-5" in message
+    assert "--lora PATH/pytorch_lora_weights.safetensors:0.9" in info.value.message_for("cli")
+    assert "'PATH/pytorch_lora_weights.safetensors:0.9'" in str(info.value)
+    assert "LoRA folder" in info.value.message_for("page") and "--lora" not in info.value.message_for("page")
+
+
+def test_messages_are_worded_for_where_they_appear(pipe, tmp_path):
+    """The page lists files from the server's folder: its wording names the file, never the path or a flag."""
+    gone = tmp_path / "server-folder" / "gone.safetensors"
+    with pytest.raises(LoraError) as info:
+        apply_loras(pipe, [f"{gone}:0.5"])
+    page, cli, api = (info.value.message_for(a) for a in ("page", "cli", "api"))
+    assert "gone.safetensors" in page and str(tmp_path) not in page and "--lora" not in page
+    assert "reload the page" in page
+    assert cli == f"--lora {gone}: no such file; check the path"
+    assert api == f"LoRA {str(gone)!r}: no such file"
+
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraError) as info:
+        apply_loras(pipe, [tmp_path / "broken.safetensors"])
+    page, cli = info.value.message_for("page"), info.value.message_for("cli")
+    assert page == "the LoRA broken.safetensors could not be read: the file is damaged or is not a LoRA"
+    assert cli.startswith("the LoRA broken.safetensors could not be read: ") and cli != page
+    assert not any(pipe.get_list_adapters().values())
 
 
 # -- load_pipeline, metadata and the command line -------------------------------------------------------------

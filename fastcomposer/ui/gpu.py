@@ -105,7 +105,7 @@ def run_generation(key: str, request, subjects: list, loras: list[str], alphas: 
         if loras or getattr(pipe, "active_loras", None):  # cheap when the set is unchanged (see lora.py)
             apply_loras(pipe, loras, allow_download=False)
     except LoraError as e:
-        yield Failed(str(e), "LoRA problem")
+        yield Failed(e.message_for("page"), "LoRA problem")
         return
     try:
         if alphas:
