@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from .cli import CLI_LIMITS, UserError, load_model, parse_alphas, sampling_plan, with_model_size
 from .config import SETTINGS
-from .generation import GenerationError, generate
+from .generation import GenerationError, generate, recorded_margin
 from .images import ImageError, load_image
 from .jobs import Job, read_jobs
+from .messages import message_for
 from .metadata import GenerationRecord, read_record, save_png
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def expected_settings(job: Job) -> dict:
         "scheduler": r.scheduler,
         "num_images": int(r.num_images),
         "face_crop": bool(r.face_crop),
+        "crop_margin": recorded_margin(r),
         "cache_interval": int(r.cache_interval),
         "photos_per_subject": [len(group) for group in job.photos],
     }
@@ -118,7 +120,7 @@ def run_job(pipe, job: Job) -> Outcome:
         for image, record, path in zip(result.images, result.records, job.files):
             write_png(image, record, path)
     except (GenerationError, ImageError, OSError) as e:  # OSError: a photo gone since the check, a full disk
-        return Outcome(job.line, job.id, "failed", error=str(e) or type(e).__name__)
+        return Outcome(job.line, job.id, "failed", error=message_for(e, "cli"))
     except Exception as e:  # noqa: BLE001 - one broken job must not end a night-long batch; the summary says why
         logger.debug("line %d failed", job.line, exc_info=True)
         return Outcome(job.line, job.id, "failed", error=f"{type(e).__name__}: {e}")
@@ -323,7 +325,8 @@ def make_summary(outcomes: list[Outcome], defaults: argparse.Namespace, jobs_fil
             "cache_interval": plan.cache_interval, "guidance": defaults.guidance, "alpha": defaults.alpha,
             "seed": defaults.seed, "num_images": defaults.num_images,
             "height": defaults.height, "width": defaults.width,  # None: the model's own size
-            "face_crop": not defaults.no_face_crop, "safety_checker": not defaults.no_safety_checker,
+            "face_crop": not defaults.no_face_crop, "crop_margin": defaults.crop_margin,
+            "safety_checker": not defaults.no_safety_checker,
             "identity_check": defaults.identity_check, "weights": defaults.weights, "base_model": defaults.base_model,
             "image_encoder": defaults.image_encoder, "lora": defaults.lora, "device": defaults.device,
             "dtype": defaults.dtype,

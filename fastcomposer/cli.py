@@ -104,6 +104,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's, 512)")
     p.add_argument("--no-face-crop", action="store_true",
                    help="give the encoder the whole photo (as the original demo)")
+    p.add_argument("--crop-margin", type=float, default=None, metavar="M",
+                   help="how much of the person a face crop keeps: crop side over face width, from 1.4 (a tight "
+                   "face) to 3.2 (head and shoulders); default 2.6")
     p.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
     p.add_argument("--identity-check", action="store_true",
                    help="score each image's faces against the subjects (ArcFace) and print one line per image")
@@ -192,7 +195,8 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
         prompt=prompt, images=images, negative_prompt=args.negative_prompt, alpha=alpha,
         guidance_scale=args.guidance, num_inference_steps=plan.num_inference_steps, num_images=args.num_images,
         height=args.height or 512, width=args.width or 512, seed=args.seed, scheduler=plan.scheduler,
-        face_crop=not args.no_face_crop, cache_interval=plan.cache_interval, preset=args.preset,
+        face_crop=not args.no_face_crop, crop_margin=args.crop_margin, cache_interval=plan.cache_interval,
+        preset=args.preset,
         identity_check=args.identity_check,
     )
 
@@ -242,7 +246,7 @@ def run_generate(args: argparse.Namespace) -> int:
             validate(request, load_tokenizer(), CLI_LIMITS)
         for spec in args.lora:  # a malformed --lora fails before any model work
             parse_lora_spec(spec)
-        subjects = prepare_subjects(images, request.face_crop, names=names)
+        subjects = prepare_subjects(images, request.face_crop, names=names, margin=request.crop_margin)
     except ValueError as e:  # LoraError is a ValueError too
         raise UserError(message_for(e, "cli")) from None
 

@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .attention import overlay
 from .config import SETTINGS, Limits
+from .faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
 from .messages import PhotoRef, UserFacingError, Wording
 from .metadata import GenerationRecord, with_metadata
 from .previews import latents_to_rgb
@@ -84,6 +85,7 @@ class GenerationRequest:
     seed: int = -1
     scheduler: str = SETTINGS.defaults.scheduler
     face_crop: bool = True
+    crop_margin: float | None = None  # face crop side over face width (faces.py); None: faces.DEFAULT_MARGIN
     cache_interval: int = 1  # DeepCache: 1 = every UNet pass is full (see caching.py)
     preset: str | None = None  # the preset the settings came from, recorded in the PNG (informational)
     attention_maps: bool = False  # also return each image with its per-subject attention overlay
@@ -150,6 +152,10 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,
          "{cache_interval} must be a whole number from 1 (off) to {hi}, got {value}",
          hi=limits.max_cache_interval, value=r.cache_interval)
+    need(r.crop_margin is None or (isinstance(r.crop_margin, (int, float)) and not isinstance(r.crop_margin, bool)
+                                   and MARGIN_TIGHT_FACE <= r.crop_margin <= MARGIN_HEAD_AND_SHOULDERS),
+         "{crop_margin} must be from {lo} (a tight face) to {hi} (head and shoulders), got {value}",
+         lo=MARGIN_TIGHT_FACE, hi=MARGIN_HEAD_AND_SHOULDERS, value=r.crop_margin)
     need(max_steps(r.scheduler) is None or r.num_inference_steps <= max_steps(r.scheduler),
          "the {name} sampler takes at most {hi} steps (it is made for 2-8); lower {num_inference_steps}",
          name=r.scheduler, hi=max_steps(r.scheduler))
@@ -192,12 +198,14 @@ def prepare_subjects(
     face_crop: bool,
     crop_fn: Callable | None = None,
     names: Sequence[str | PhotoRef | Sequence[str | PhotoRef]] | None = None,
+    margin: float | None = None,
 ) -> list[list[PIL.Image.Image]]:
     """Per subject, the images the encoder will see: face crops (default) or the photos as they are.
 
     `names` say how messages refer to each photo, per subject one name or one per photo ("photo 1", or "photo 2 of
     subject 1" when a subject has several, by default); a `PhotoRef` with the file's path lets the command line's
-    wording name the file.
+    wording name the file. `margin` is the crop side over the face width (None: the cropper's default); it is
+    passed to `crop_fn` only when given, so a custom `crop_fn(image, name=...)` keeps working.
     """
     groups = photo_groups(images)
     if not face_crop:
@@ -214,7 +222,8 @@ def prepare_subjects(
         given = names[k]
         return given[j] if isinstance(given, (list, tuple)) else given
 
-    return [[crop_fn(image, name=name(k, j, group)).image for j, image in enumerate(group)]
+    sized = {} if margin is None else {"margin": float(margin)}
+    return [[crop_fn(image, name=name(k, j, group), **sized).image for j, image in enumerate(group)]
             for k, group in enumerate(groups)]
 
 
@@ -253,7 +262,7 @@ def generate(
     # 2. The encoder's inputs, per subject
     if subjects is None:
         try:
-            subjects = prepare_subjects(request.images, request.face_crop, crop_fn)
+            subjects = prepare_subjects(request.images, request.face_crop, crop_fn, margin=request.crop_margin)
         except UserFacingError as e:  # NoFaceFoundError: keep its wording for every audience
             raise GenerationError(e.wording, e.photo, **e.facts) from None
         except ValueError as e:  # from a custom crop_fn
@@ -313,7 +322,7 @@ def generate(
         prompt=request.prompt, negative_prompt=negative, seed=seed, alpha=float(request.alpha),
         guidance_scale=float(request.guidance_scale), num_inference_steps=int(request.num_inference_steps),
         scheduler=request.scheduler, height=int(request.height), width=int(request.width),
-        num_images=int(request.num_images), face_crop=bool(request.face_crop),
+        num_images=int(request.num_images), face_crop=bool(request.face_crop), crop_margin=recorded_margin(request),
         model=getattr(pipe, "weights_label", ""), version=__version__,
         cache_interval=int(request.cache_interval), preset=request.preset,
         photos_per_subject=[len(group) for group in subjects],
@@ -335,6 +344,13 @@ def generate(
             for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
         ]
     return result
+
+
+def recorded_margin(request: GenerationRequest) -> float | None:
+    """The crop margin the photos were cropped with, for the PNG (None when the photos went in whole)."""
+    if not request.face_crop:
+        return None
+    return float(DEFAULT_MARGIN if request.crop_margin is None else request.crop_margin)
 
 
 def check_identity(request: GenerationRequest, out, subjects: Sequence, records: list[GenerationRecord]) -> list:

@@ -33,6 +33,7 @@ SETTING_KEYS: dict[str, tuple[str, str]] = {
     "negative_prompt": ("negative_prompt", "text"),
     "num_images": ("num_images", "whole"),
     "face_crop": ("no_face_crop", "bool"),  # the flag says the opposite
+    "crop_margin": ("crop_margin", "number"),
     "preset": ("preset", "text"),
     "cache_interval": ("cache_interval", "whole"),
 }

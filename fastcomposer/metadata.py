@@ -38,6 +38,7 @@ class GenerationRecord:
     num_images: int  # images drawn from the seed together; the noise of image i depends on this
     image_index: int = 0
     face_crop: bool = True
+    crop_margin: float | None = None  # face crop side over face width, when crops were used (older PNGs: None)
     model: str = ""  # which weights made it
     version: str = ""  # fastcomposer version
     cache_interval: int = 1  # DeepCache interval (1 = off)
@@ -52,6 +53,7 @@ class GenerationRecord:
             f"Steps: {self.num_inference_steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale}, "
             f"Alpha: {self.alpha}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
             f"Batch: {self.image_index + 1}/{self.num_images}, Face crop: {self.face_crop}, Model: {self.model}"
+            + (f", Crop margin: {self.crop_margin:g}" if self.face_crop and self.crop_margin is not None else "")
             + (f", Cache interval: {self.cache_interval}" if self.cache_interval != 1 else "")
             + (f", Photos per subject: {self.photos_per_subject}" if self.photos_per_subject else "")
             + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")

@@ -98,10 +98,11 @@ def test_hint_endpoint(client):
 
 
 def test_restore_settings_from_a_generated_png(client):
-    gallery, seed, _ = client.predict(**request(seed=77, alpha=0.6), api_name="/generate")
+    gallery, seed, _ = client.predict(**request(seed=77, alpha=0.6, crop_margin=1.8), api_name="/generate")
     path = image_path(gallery[0])
     restored = client.predict(handle_file(path), api_name="/restore_settings")
     assert restored[0] == "a woman img reading" and restored[2] == 0.6 and restored[6] == 77
+    assert restored[-1] == 1.8  # the Crop slider
 
 
 def test_banner_and_consent_are_on_the_page(server):

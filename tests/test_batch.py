@@ -40,9 +40,9 @@ JOBS = [
      ["--prompt", "a woman img reading", "--image", "astronaut.png,hopper.jpg", "--seed", "13", "--scheduler", "ddim",
       "--negative-prompt", "", "--steps", "2", "--height", "64", "--width", "64", "--no-face-crop"]),
     ({"id": "two", "prompt": "a woman img", "images": ["astronaut.png"], "num_images": 2, "seed": 14,
-      "face_crop": True, "height": 128},
+      "face_crop": True, "crop_margin": 2.0, "height": 128},
      ["--prompt", "a woman img", "--image", "astronaut.png", "--num-images", "2", "--seed", "14", "--steps", "2",
-      "--height", "128", "--width", "64"]),
+      "--height", "128", "--width", "64", "--crop-margin", "2.0"]),
     # A job's own preset chooses the steps afresh (the command's --steps 2 does not apply); its "steps" still win.
     ({"id": 7, "prompt": "a man img", "images": ["hopper.jpg"], "preset": "fast", "steps": 3, "seed": 15},
      ["--prompt", "a man img", "--image", "hopper.jpg", "--preset", "fast", "--steps", "3", "--seed", "15",
@@ -131,6 +131,7 @@ def test_outputs_equal_generate_runs_one_by_one(single_run, tmp_path, capsys):
             assert np.array_equal(pixels(out / name), pixels(tmp_path / name)), name
             assert asdict(read_record(out / name)) == asdict(read_record(tmp_path / name))
     assert read_record(out / "two_0.png").face_crop is True and read_record(out / "3.png").face_crop is False
+    assert read_record(out / "two_0.png").crop_margin == 2.0 and read_record(out / "3.png").crop_margin is None
     assert (read_record(out / "7.png").scheduler, read_record(out / "7.png").num_inference_steps) == ("dpm", 3)
     assert read_record(out / "7.png").cache_interval == 3
     assert read_record(out / "several.png").photos_per_subject == [2]

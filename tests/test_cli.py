@@ -66,6 +66,27 @@ def test_face_crop_is_on_by_default(tmp_path, capsys):
     assert read_record(tmp_path / "o.png").face_crop is True
 
 
+def test_crop_margin_sets_the_crop_and_is_recorded(tmp_path, capsys):
+    """`--crop-margin 1.6` equals handing the encoder, uncropped, the crop the face cropper makes at 1.6."""
+    from fastcomposer.faces import DEFAULT_MARGIN, crop_subject
+    from fastcomposer.images import load_image
+
+    common = ["generate", "--prompt", "a woman img", "--seed", "5", "--negative-prompt", "", *TINY]
+    crop = crop_subject(load_image(ASTRONAUT), margin=1.6).image
+    crop.save(tmp_path / "crop.png")
+    for name, extra in (("default", ["--image", ASTRONAUT]), ("tight", ["--image", ASTRONAUT, "--crop-margin", "1.6"]),
+                        ("by-hand", ["--image", str(tmp_path / "crop.png"), "--no-face-crop"])):
+        code, _, err = run([*common, *extra, "--output", str(tmp_path / f"{name}.png")], capsys)
+        assert code == 0, err
+    pixels = {name: np.asarray(PIL.Image.open(tmp_path / f"{name}.png")) for name in ("default", "tight", "by-hand")}
+    assert np.array_equal(pixels["tight"], pixels["by-hand"])
+    assert not np.array_equal(pixels["tight"], pixels["default"])
+    assert read_record(tmp_path / "tight.png").crop_margin == 1.6
+    assert read_record(tmp_path / "default.png").crop_margin == DEFAULT_MARGIN
+    assert read_record(tmp_path / "by-hand.png").crop_margin is None  # whole photos: no crop to describe
+    assert "Crop margin: 1.6" in PIL.Image.open(tmp_path / "tight.png").info["parameters"]
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [
@@ -78,6 +99,7 @@ def test_face_crop_is_on_by_default(tmp_path, capsys):
         (lambda d: ASTRONAUT, ["--weights", "/nonexistent/model.bin"], "does not exist"),
         (lambda d: ASTRONAUT, ["--alpha", "1.5"], "--alpha must be between 0 and 1"),
         (lambda d: ASTRONAUT, ["--scheduler", "magic"], "invalid choice"),
+        (lambda d: ASTRONAUT, ["--crop-margin", "5"], "--crop-margin must be from 1.4 (a tight face) to 3.2"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, make, extra, message):

@@ -157,5 +157,5 @@ def _wire(page: _Page) -> None:
     results.reuse.click(lambda s: s if s is not None else -1, results.used_seed, c.seed, api_name="reuse_seed",
                         api_visibility="undocumented")
     results.restore_file.upload(lambda path: restore(path, page.loras), results.restore_file,
-                                [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale],
+                                [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale, slots.margin],
                                 api_name="restore_settings")

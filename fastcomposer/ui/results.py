@@ -55,7 +55,8 @@ def restore(path: str | None, loras: dict) -> tuple:
         name, _, value = record.loras[0].rpartition(":")
         if name in loras:
             lora, scale = name, float(value)
+    margin = gr.update() if record.crop_margin is None else record.crop_margin  # older PNGs: keep the slider
     return (record.prompt, record.negative_prompt, record.alpha, record.guidance_scale, record.num_inference_steps,
             record.scheduler, record.seed, record.num_images, record.width, record.height, record.face_crop,
             speed_of(record.scheduler, record.num_inference_steps, record.cache_interval), record.cache_interval,
-            lora, scale)
+            lora, scale, margin)

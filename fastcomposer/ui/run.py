@@ -159,6 +159,7 @@ class Handlers:
                 guidance_scale=guidance, num_inference_steps=steps, num_images=num_images, height=height,
                 width=width, seed=-1 if seed is None else seed, scheduler=sampler, face_crop=bool(face_crop),
                 cache_interval=1 if cache_interval is None else cache_interval,
+                crop_margin=None if crop_margin is None else float(crop_margin),
                 attention_maps=bool(attention_maps), identity_check=bool(identity_check),
             )
             page = _PageInputs(
