@@ -96,7 +96,7 @@ SETTING_NAMES: dict[str, Wording] = {
     "device": Wording("--device", "--device", "`device`"),  # on the page: the app's start-up flag
     "dtype": Wording("--dtype", "--dtype", "`dtype`"),
     # How to give the encoder whole photos instead of face crops.
-    "crop_margin": Wording("Crop (tight face … head and shoulders)", "--crop-margin", "`crop_margin`"),
+    "crop_margin": Wording("Crop", "--crop-margin", "`crop_margin`"),  # the slider is labelled "Crop: tight face …"
     "no_face_crop": Wording("untick 'Crop to the face'", "pass --no-face-crop",
                             "turn off face crop (`face_crop=False`)"),
 }
