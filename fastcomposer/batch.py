@@ -237,7 +237,7 @@ def run_batch(args: argparse.Namespace) -> int:
         for spec in args.lora:
             parse_lora_spec(spec)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(message_for(e, "cli")) from None
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output {out_dir} is a file; give a folder (it is made if needed)")

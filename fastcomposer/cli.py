@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    '"steps", ... (see README, "Batch jobs")')
     b.add_argument("--output", required=True, metavar="DIR",
                    help="folder for DIR/<id>.png (<id>_<k>.png for several images) and DIR/summary.json")
-    _generation_args(b)
+    _generation_args(b, sweeps=False)
     _model_args(b)
 
     e = sub.add_parser("evaluate", help="score identity and prompt consistency on your own cases (paper section 5)")
@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation_args(p: argparse.ArgumentParser) -> None:
-    """The settings of a generation (shared by `generate` and `batch`, where they are every job's defaults)."""
+def _generation_args(p: argparse.ArgumentParser, sweeps: bool = True) -> None:
+    """The settings of a generation (shared by `generate` and `batch`, where they are every job's defaults);
+    `sweeps`: --alpha takes a comma list (generate's alpha sweep)."""
     d = SETTINGS.defaults
     p.add_argument("--negative-prompt", default=None, help='what to avoid (default: ours; "" for none)')
     p.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -95,9 +96,13 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                    "preset's)")
     p.add_argument("--guidance", type=float, default=d.guidance_scale,
                    help=f"guidance scale (default {d.guidance_scale})")
-    p.add_argument("--alpha", default=str(d.alpha), metavar="A[,A...]",
-                   help=f"share of steps that see the subjects: higher = more identity (default {d.alpha}); a comma "
-                   "list runs a sweep with one seed and writes PATH_alpha0.50.png, ... and PATH_grid.png")
+    alpha_help = f"share of steps that see the subjects: higher = more identity (default {d.alpha})"
+    if sweeps:
+        p.add_argument("--alpha", default=str(d.alpha), metavar="A[,A...]",
+                       help=alpha_help + "; a comma list runs a sweep with one seed and writes PATH_alpha0.50.png, "
+                       "... and PATH_grid.png")
+    else:
+        p.add_argument("--alpha", default=str(d.alpha), metavar="A", help=alpha_help + '; a job\'s "alpha" wins')
     p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random, printed)")
     p.add_argument("--num-images", type=int, default=d.num_images, help="images to generate")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")

@@ -268,6 +268,8 @@ def test_a_file_of_bad_jobs_fails_before_the_model_loads(tmp_path, capsys, monke
         (lambda d: (d / "j.jsonl").write_bytes(b"\xff\xfe{") and d / "j.jsonl", [], "not UTF-8"),
         (lambda d: (d / "j.jsonl").write_text("# nothing\n\n") and d / "j.jsonl", [], "has no jobs"),
         (lambda d: (d / "j.jsonl").write_text("{}\n") and d / "j.jsonl", ["--alpha", "0.5,0.7"], "one --alpha"),
+        (lambda d: (d / "j.jsonl").write_text("{}\n") and d / "j.jsonl", ["--lora", "x.safetensors:nan"],
+         "--lora x.safetensors:nan: the scale must be a finite number"),
     ],
 )
 def test_a_file_that_cannot_be_read_is_one_clean_error(tmp_path, capsys, setup, extra, message):
