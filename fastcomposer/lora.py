@@ -51,10 +51,9 @@ class LoraError(UserFacingError, ValueError):
     """
 
 
-def _lora_ref(spec: str, name: str | None = None) -> Wording:
-    """How each audience names one LoRA: `name` (a file name) on the page, the flag on the command line."""
-    shown = name if name is not None else Path(spec).name or spec
-    return Wording(escape(f"the LoRA {shown}"), escape(f"--lora {spec}"), escape(f"LoRA {spec!r}"))
+def _lora_ref(spec: str) -> Wording:
+    """How each audience names one LoRA: its file name on the page, the flag on the command line."""
+    return Wording(escape(f"the LoRA {Path(spec).name or spec}"), escape(f"--lora {spec}"), escape(f"LoRA {spec!r}"))
 
 
 @dataclass(frozen=True)
@@ -162,12 +161,13 @@ def lora_file(lora: LoraSpec, allow_download: bool = True) -> Path:
             return Path(hf_hub_download(lora.source, filename, local_files_only=not allow_download))
         except Exception as e:  # offline, missing repo or file, auth: all end the same way for the user
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}"
-            told = (f"the LoRA {lora.source}/{filename} could not be downloaded from the Hugging Face Hub ({reason}). "
-                    f"Download {filename} from https://huggingface.co/{lora.source} by hand and ")
-            by_hand = f"PATH/{Path(filename).name}:{lora.scale:g}"
-            raise LoraError(Wording(page=escape(told + "put it in the server's LoRA folder"),
-                                    cli=escape(told + f"pass its path: --lora {by_hand}"),
-                                    api=escape(told + f"pass its path: '{by_hand}'"))) from e
+            failed = f"the LoRA {lora.source}/{filename} could not be downloaded from the Hugging Face Hub"
+            by_hand = f"Download {filename} from https://huggingface.co/{lora.source} by hand and "
+            to_pass = f"PATH/{Path(filename).name}:{lora.scale:g}"
+            raise LoraError(Wording(  # the library's reason may quote server paths: not on the page
+                page=escape(f"{failed}. {by_hand}put it in the server's LoRA folder"),
+                cli=escape(f"{failed} ({reason}). {by_hand}pass its path: --lora {to_pass}"),
+                api=escape(f"{failed} ({reason}). {by_hand}pass its path: '{to_pass}'"))) from e
     path = Path(lora.source).expanduser()
     if path.is_dir():
         candidates = [path / HUB_DEFAULT_FILE] if (path / HUB_DEFAULT_FILE).is_file() else list_local_loras(path)
