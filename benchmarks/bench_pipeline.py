@@ -131,8 +131,8 @@ def main() -> None:
     ours, baseline = build_pipelines(args.arch, device, dtype, args.scheduler)
     logger.info("built %s modules on %s in %.1f s", args.arch, device, time.perf_counter() - t0)
     photo = PIL.Image.open(ROOT / "assets" / "astronaut.png").convert("RGB")
-    photos = iter([photo] * (args.repeats + 1) if args.same_photo else
-                  [one_pixel_variant(photo, k) for k in range(args.repeats + 1)])
+    calls = (args.repeats + 1) * (2 if args.with_attention else 1)  # ours with capture draws photos here too
+    photos = iter([photo] * calls if args.same_photo else [one_pixel_variant(photo, k) for k in range(calls)])
     common = dict(num_inference_steps=steps, guidance_scale=args.guidance, height=size, width=size,
                   output_type="np")
     runs: dict[str, Callable[[], object]] = {
@@ -141,9 +141,7 @@ def main() -> None:
                              **common),
         "baseline": lambda: baseline(BASELINE_PROMPT, generator=torch.Generator().manual_seed(args.seed), **common),
     }
-    if args.with_attention:  # both of ours draw from one photo iterator: make it long enough for both
-        photos = iter([photo] * (2 * args.repeats + 2) if args.same_photo else
-                      [one_pixel_variant(photo, k) for k in range(2 * args.repeats + 2)])
+    if args.with_attention:
         runs["ours_attention"] = lambda: ours(OURS_PROMPT, [next(photos)], return_attention=True,
                                               generator=torch.Generator().manual_seed(args.seed), **common)
 

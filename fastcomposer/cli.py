@@ -96,13 +96,11 @@ def _generation_args(p: argparse.ArgumentParser, sweeps: bool = True) -> None:
                    "preset's)")
     p.add_argument("--guidance", type=float, default=d.guidance_scale,
                    help=f"guidance scale (default {d.guidance_scale})")
-    alpha_help = f"share of steps that see the subjects: higher = more identity (default {d.alpha})"
-    if sweeps:
-        p.add_argument("--alpha", default=str(d.alpha), metavar="A[,A...]",
-                       help=alpha_help + "; a comma list runs a sweep with one seed and writes PATH_alpha0.50.png, "
-                       "... and PATH_grid.png")
-    else:
-        p.add_argument("--alpha", default=str(d.alpha), metavar="A", help=alpha_help + '; a job\'s "alpha" wins')
+    alpha_more = ("a comma list runs a sweep with one seed and writes PATH_alpha0.50.png, ... and PATH_grid.png"
+                  if sweeps else 'a job\'s "alpha" wins')
+    p.add_argument("--alpha", default=str(d.alpha), metavar="A[,A...]" if sweeps else "A",
+                   help=f"share of steps that see the subjects: higher = more identity (default {d.alpha}); "
+                   + alpha_more)
     p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random, printed)")
     p.add_argument("--num-images", type=int, default=d.num_images, help="images to generate")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512)")

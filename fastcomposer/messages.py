@@ -95,8 +95,8 @@ SETTING_NAMES: dict[str, Wording] = {
     "images": Wording("photos", "--image", "`images`"),
     "device": Wording("--device", "--device", "`device`"),  # on the page: the app's start-up flag
     "dtype": Wording("--dtype", "--dtype", "`dtype`"),
-    # How to give the encoder whole photos instead of face crops.
     "crop_margin": Wording("Crop", "--crop-margin", "`crop_margin`"),  # the slider is labelled "Crop: tight face …"
+    # How to give the encoder whole photos instead of face crops.
     "no_face_crop": Wording("untick 'Crop to the face'", "pass --no-face-crop",
                             "turn off face crop (`face_crop=False`)"),
 }

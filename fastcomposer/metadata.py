@@ -53,7 +53,7 @@ class GenerationRecord:
             f"Steps: {self.num_inference_steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale}, "
             f"Alpha: {self.alpha}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
             f"Batch: {self.image_index + 1}/{self.num_images}, Face crop: {self.face_crop}, Model: {self.model}"
-            + (f", Crop margin: {self.crop_margin:g}" if self.face_crop and self.crop_margin is not None else "")
+            + (f", Crop margin: {self.crop_margin:g}" if self.crop_margin is not None else "")
             + (f", Cache interval: {self.cache_interval}" if self.cache_interval != 1 else "")
             + (f", Photos per subject: {self.photos_per_subject}" if self.photos_per_subject else "")
             + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")

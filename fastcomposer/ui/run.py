@@ -165,7 +165,7 @@ class Handlers:
             page = _PageInputs(
                 slots=[photo_1, photo_2, photo_3, photo_4][:MAX_SLOTS],
                 wholes=[whole_1 or [], whole_2 or [], whole_3 or [], whole_4 or []][:MAX_SLOTS],
-                margin=None if crop_margin is None else float(crop_margin), sweep=alpha_sweep, lora=lora,
+                sweep=alpha_sweep, lora=lora,
                 lora_scale=lora_scale)
             yield from self._generate(run, gen_request, page, list(shown or []), progress)
         finally:
@@ -191,7 +191,8 @@ class Handlers:
         loras = self._lora_specs(page.lora, page.lora_scale)
         # 2. Photos: safe decode and face crop here, so only the crops travel to the GPU
         progress(0, desc="preparing the photos")
-        subjects = [self.loader.for_generation(k, paths, bool(request.face_crop), page.wholes[k], page.margin)
+        subjects = [self.loader.for_generation(k, paths, bool(request.face_crop), page.wholes[k],
+                                               request.crop_margin)
                     for k, paths in photos]
         request.images = subjects
         if request.seed == -1:  # drawn here, so the page knows it even if the worker never reports back
@@ -322,7 +323,6 @@ class _PageInputs:
 
     slots: list  # per slot, its gallery value
     wholes: list[list[int]]  # per slot, the photos (1-based) to use uncropped
-    margin: float | None  # the crop margin; None: the cropper's default
     sweep: str | None  # the alpha sweep field
     lora: str | None
     lora_scale: float | None
