@@ -28,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastcomposer import faces  # noqa: E402
+from fastcomposer.inputs import faces  # noqa: E402
 
 # (photo, face region by eye, head-and-shoulders cut): the same regions tests/test_faces.py uses.
 PORTRAITS = [("astronaut.png", (180, 60, 270, 185), (100, 0, 400, 360)),

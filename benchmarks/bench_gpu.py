@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from fastcomposer.architecture import build_modules, bundled_architecture  # noqa: E402
-from fastcomposer.loader import assemble, cast, compile_unet  # noqa: E402
-from fastcomposer.schedulers import make_scheduler  # noqa: E402
+from fastcomposer.models.architecture import build_modules, bundled_architecture  # noqa: E402
+from fastcomposer.pipeline.loading import assemble, cast, compile_unet  # noqa: E402
+from fastcomposer.pipeline.schedulers import make_scheduler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import timed  # noqa: E402  (the same timer as the general pipeline benchmark)
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     cache_interval = 1
     if args.preset:
-        from fastcomposer.presets import resolve
+        from fastcomposer.pipeline.presets import resolve
 
         plan = resolve(args.preset)
         args.scheduler, args.steps, cache_interval = plan.scheduler, plan.num_inference_steps, plan.cache_interval

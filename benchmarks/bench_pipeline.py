@@ -32,10 +32,10 @@ from diffusers import StableDiffusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from fastcomposer.architecture import build_modules, bundled_architecture, tiny_architecture  # noqa: E402
-from fastcomposer.loader import assemble, cast, pick_device, pick_dtype  # noqa: E402
-from fastcomposer.pipeline import FastComposerPipeline  # noqa: E402
-from fastcomposer.schedulers import make_scheduler  # noqa: E402
+from fastcomposer.models.architecture import build_modules, bundled_architecture, tiny_architecture  # noqa: E402
+from fastcomposer.pipeline.loading import assemble, cast, pick_device, pick_dtype  # noqa: E402
+from fastcomposer.pipeline.pipeline_fastcomposer import FastComposerPipeline  # noqa: E402
+from fastcomposer.pipeline.schedulers import make_scheduler  # noqa: E402
 
 logger = logging.getLogger("bench_pipeline")
 

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_pipeline import device_name  # noqa: E402
-from fastcomposer.architecture import build_modules, bundled_architecture, tiny_architecture  # noqa: E402
-from fastcomposer.faces import FaceCropper  # noqa: E402
-from fastcomposer.generation import GenerationRequest, generate  # noqa: E402
-from fastcomposer.loader import assemble, cast, cpu_has_native_bf16, pick_dtype, use_memory_format  # noqa: E402
-from fastcomposer.presets import resolve  # noqa: E402
+from fastcomposer.generation.run import GenerationRequest, generate  # noqa: E402
+from fastcomposer.inputs.faces import FaceCropper  # noqa: E402
+from fastcomposer.models.architecture import build_modules, bundled_architecture, tiny_architecture  # noqa: E402
+from fastcomposer.pipeline.loading import assemble, cast, cpu_has_native_bf16, pick_dtype, use_memory_format  # noqa: E402
+from fastcomposer.pipeline.presets import resolve  # noqa: E402
 
 logger = logging.getLogger("bench_speed")
 SECTIONS = ("unet_step", "cache", "end_to_end", "small")

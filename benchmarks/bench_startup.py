@@ -59,9 +59,9 @@ def _load(method: str, folder: Path) -> list:
     """Load by `method`; returns the five networks."""
     import torch
 
-    from fastcomposer.architecture import build_modules, bundled_architecture
-    from fastcomposer.checkpoint import split_released_state_dict
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.models.architecture import build_modules, bundled_architecture
+    from fastcomposer.models.checkpoint import split_released_state_dict
+    from fastcomposer.pipeline.loading import load_pipeline
 
     if method == "original":
         modules = build_modules(bundled_architecture(), empty=False)
@@ -81,7 +81,7 @@ def child_measure(method: str, folder: Path) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    import fastcomposer.loader  # noqa: F401  (its imports: diffusers, transformers)
+    import fastcomposer.pipeline.loading  # noqa: F401  (its imports: diffusers, transformers)
 
     imports = time.perf_counter() - t0
     import psutil
@@ -113,8 +113,8 @@ def child_write_checkpoint(path: Path) -> None:
     """The released layout from random SD1.5-sized modules, written atomically (tmp name, then rename)."""
     import torch
 
-    from fastcomposer.architecture import build_modules, bundled_architecture
-    from fastcomposer.testing import released_state_dict
+    from fastcomposer.models.architecture import build_modules, bundled_architecture
+    from fastcomposer.models.testing import released_state_dict
 
     tmp = path.with_name(path.name + ".tmp")
     torch.save(released_state_dict(build_modules(bundled_architecture(), empty=False)), tmp)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+VERSION = "0.1.0"  # the package's version, written into every PNG's settings
+
 # The released checkpoint on the Hugging Face Hub. The commit hash and sha256 cannot be read from a
 # machine without Hub access, so they default to the branch and "no pin"; a maintainer pins them with
 # FASTCOMPOSER_REVISION / FASTCOMPOSER_SHA256 (see weights.py) once they have checked a download.

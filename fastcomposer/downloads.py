@@ -22,11 +22,17 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .weights import cache_dir as _cache_root
-
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 10.0  # per connect and per read: an offline machine must reach its fallback quickly
+
+
+def cache_dir() -> Path:
+    """Our cache folder: $FASTCOMPOSER_CACHE, else ~/.cache/fastcomposer."""
+    return Path(os.environ.get("FASTCOMPOSER_CACHE") or Path.home() / ".cache" / "fastcomposer")
+
+
+_cache_root = cache_dir  # for methods whose `cache_dir` argument shadows the function
 
 
 class DownloadError(RuntimeError):

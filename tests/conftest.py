@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from fastcomposer.prompt import load_tokenizer
+    from fastcomposer.inputs.prompt import load_tokenizer
 
     return load_tokenizer()
 
@@ -52,7 +52,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The tiny random model on the CPU, without a safety checker. Tests must not leave state on it."""
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False)
 

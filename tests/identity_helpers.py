@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastcomposer.faces import FaceCropper
-from fastcomposer.identity import IdentityChecker
+from fastcomposer.identity.checker import IdentityChecker
+from fastcomposer.inputs.faces import FaceCropper
 
 
 def stand_in_embedder(seed: int = 0) -> torch.nn.Module:

@@ -12,8 +12,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
 import app as app_module
-from fastcomposer.faces import FaceCropper
-from fastcomposer.metadata import read_record
+from fastcomposer.generation.metadata import read_record
+from fastcomposer.inputs.faces import FaceCropper
 
 from .app_helpers import ASTRONAUT, HOPPER, ROOT, Args, image_path, photos, request
 
@@ -169,7 +169,7 @@ def test_attention_maps_come_beside_each_image_and_change_no_pixel(client):
 
 
 def test_identity_offline_says_unavailable_once_and_the_images_still_come(client, monkeypatch):
-    from fastcomposer import identity
+    from fastcomposer.identity import checker as identity
 
     from .identity_helpers import offline_checker
 
@@ -180,7 +180,7 @@ def test_identity_offline_says_unavailable_once_and_the_images_still_come(client
 
 
 def test_identity_scores_are_the_captions_and_a_missing_face_says_not_found(client, monkeypatch):
-    from fastcomposer import identity
+    from fastcomposer.identity import checker as identity
 
     from .identity_helpers import offline_checker, stand_in_embedder
 

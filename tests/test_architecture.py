@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fastcomposer.architecture import build_modules, bundled_architecture, tiny_architecture, with_overrides
-from fastcomposer.schedulers import make_scheduler
+from fastcomposer.models.architecture import build_modules, bundled_architecture, tiny_architecture, with_overrides
+from fastcomposer.pipeline.schedulers import make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_every_sampler_keeps_the_noise_schedule(name):
 
 
 def test_overrides_from_hub_style_folders(tmp_path):
-    from fastcomposer.testing import write_model_folders
+    from fastcomposer.models.testing import write_model_folders
 
     tiny = tiny_architecture()
     write_model_folders(tiny, tmp_path / "base", tmp_path / "clip")

@@ -7,7 +7,7 @@ import PIL.Image
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from fastcomposer.attention import attention_layers, overlay
+from fastcomposer.pipeline.attention import attention_layers, overlay
 
 SMALL = dict(height=64, width=64, num_inference_steps=4)
 
@@ -17,7 +17,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def test_default_layers_are_the_cross_attention_layers_at_half_and_quarter_resolution():
-    from fastcomposer.architecture import build_modules, bundled_architecture
+    from fastcomposer.models.architecture import build_modules, bundled_architecture
 
     sd15 = build_modules(bundled_architecture(), empty=True)["unet"]
     names = attention_layers(sd15)
@@ -66,7 +66,7 @@ def test_maps_per_subject_shapes_and_values(tiny_pipe, photos):
 def test_captured_probabilities_equal_an_independent_softmax(tiny_pipe, photos):
     """One layer's capture against plain torch ops: softmax(q k^T / sqrt(d)) on the conditional half, mean over
     heads; and the processor's output equals diffusers' own SDPA processor's, bit for bit."""
-    from fastcomposer.attention import AttentionStore, CaptureAttnProcessor
+    from fastcomposer.pipeline.attention import AttentionStore, CaptureAttnProcessor
 
     name = attention_layers(tiny_pipe.unet)[0].removesuffix(".processor")  # down_blocks.1: 1/2 resolution
     layer = tiny_pipe.unet.get_submodule(name)

@@ -16,10 +16,11 @@ import PIL.Image
 import pytest
 import torch
 
-from fastcomposer import batch, faces
-from fastcomposer.cli import main
-from fastcomposer.loader import pick_device
-from fastcomposer.metadata import read_record
+from fastcomposer.commands import batch
+from fastcomposer.commands.main import main
+from fastcomposer.generation.metadata import read_record
+from fastcomposer.inputs import faces
+from fastcomposer.pipeline.loading import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--weights", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-safety-checker"]

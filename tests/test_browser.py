@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import app as app_module
-from fastcomposer.faces import FaceCropper
+from fastcomposer.inputs.faces import FaceCropper
 
 from .app_helpers import Args
 

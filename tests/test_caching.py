@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastcomposer.caching import HOOK_NAME, FeatureCache, cached_modules
-from fastcomposer.prompt import parse_prompt
+from fastcomposer.inputs.prompt import parse_prompt
+from fastcomposer.pipeline.caching import HOOK_NAME, FeatureCache, cached_modules
 
 SMALL = dict(height=64, width=64)
 

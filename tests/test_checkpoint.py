@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastcomposer.architecture import build_modules, tiny_architecture
-from fastcomposer.checkpoint import CheckpointError, read_state_dict
-from fastcomposer.loader import assemble, load_pipeline
-from fastcomposer.testing import released_state_dict, write_model_folders
-from fastcomposer.weights import WeightsUnavailableError, resolve_weights
+from fastcomposer.models.architecture import build_modules, tiny_architecture
+from fastcomposer.models.checkpoint import CheckpointError, read_state_dict
+from fastcomposer.models.testing import released_state_dict, write_model_folders
+from fastcomposer.models.weights import WeightsUnavailableError, resolve_weights
+from fastcomposer.pipeline.loading import assemble, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def test_resolution_order(tmp_path, monkeypatch):
     assert "--weights PATH" in err.value.message_for("cli") and "weights=PATH" in str(err.value)
     assert "--weights PATH" in err.value.message_for("page") and str(tmp_path) not in err.value.message_for("page")
     # A converted copy in the cache wins over downloading.
-    from fastcomposer.weights import checkpoint_revision, converted_dir
+    from fastcomposer.models.weights import checkpoint_revision, converted_dir
 
     folder = converted_dir(checkpoint_revision())
     folder.mkdir(parents=True)

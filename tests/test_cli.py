@@ -14,9 +14,9 @@ import PIL.Image
 import pytest
 import torch
 
-from fastcomposer.cli import main
+from fastcomposer.commands.main import main
 from fastcomposer.config import DEFAULT_NEGATIVE_PROMPT
-from fastcomposer.metadata import read_record
+from fastcomposer.generation.metadata import read_record
 
 from .reference import original_generate
 
@@ -68,8 +68,8 @@ def test_face_crop_is_on_by_default(tmp_path, capsys):
 
 def test_crop_margin_sets_the_crop_and_is_recorded(tmp_path, capsys):
     """`--crop-margin 1.6` equals handing the encoder, uncropped, the crop the face cropper makes at 1.6."""
-    from fastcomposer.faces import DEFAULT_MARGIN, crop_subject
-    from fastcomposer.images import load_image
+    from fastcomposer.inputs.faces import DEFAULT_MARGIN, crop_subject
+    from fastcomposer.inputs.images import load_image
 
     common = ["generate", "--prompt", "a woman img", "--seed", "5", "--negative-prompt", "", *TINY]
     crop = crop_subject(load_image(ASTRONAUT), margin=1.6).image
@@ -170,9 +170,9 @@ def test_no_face_names_the_path_and_the_flag(tmp_path, capsys):
 
 def test_cli_reproduces_the_original_implementation(tmp_path, photos):
     """A released-layout checkpoint + its configs through `python -m fastcomposer`, against spec code."""
-    from fastcomposer.architecture import build_modules, tiny_architecture
-    from fastcomposer.loader import load_pipeline
-    from fastcomposer.testing import released_state_dict, write_model_folders
+    from fastcomposer.models.architecture import build_modules, tiny_architecture
+    from fastcomposer.models.testing import released_state_dict, write_model_folders
+    from fastcomposer.pipeline.loading import load_pipeline
 
     arch = tiny_architecture()
     torch.save(released_state_dict(build_modules(arch, empty=False, seed=2)), tmp_path / "pytorch_model.bin")

@@ -9,11 +9,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fastcomposer.caching import is_full_pass
-from fastcomposer.estimate import Estimator, Hardware, Workload, format_seconds
-from fastcomposer.generation import GenerationError, GenerationRequest
-from fastcomposer.presets import PRESETS
-from fastcomposer.streaming import PreviewEvent, ResultEvent, StepEvent, stream_generation
+from fastcomposer.generation.estimate import Estimator, Hardware, Workload, format_seconds
+from fastcomposer.generation.run import GenerationError, GenerationRequest
+from fastcomposer.generation.streaming import PreviewEvent, ResultEvent, StepEvent, stream_generation
+from fastcomposer.pipeline.caching import is_full_pass
+from fastcomposer.pipeline.presets import PRESETS
 from fastcomposer.ui import gpu
 
 
@@ -128,8 +128,8 @@ def test_closing_the_stream_stops_the_run(tiny_pipe, monkeypatch):
 
 
 def test_a_sweep_streams_each_run_as_the_single_run_at_that_alpha(tiny_pipe, monkeypatch):
-    from fastcomposer.generation import generate
-    from fastcomposer.streaming import RunEvent, stream_sweep
+    from fastcomposer.generation.run import generate
+    from fastcomposer.generation.streaming import RunEvent, stream_sweep
 
     photo = PIL.Image.new("RGB", (64, 64), (120, 100, 90))
     request = GenerationRequest(prompt="a woman img", images=[photo], face_crop=False, num_inference_steps=2,

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastcomposer import faces, identity
-from fastcomposer.cli import main
-from fastcomposer.evaluate import PAPER, greedy_identity, identity_score
-from fastcomposer.evaluation_report import LABEL_HEIGHT, TILE
+from fastcomposer.commands.main import main
+from fastcomposer.evaluation.report import LABEL_HEIGHT, TILE
+from fastcomposer.evaluation.runner import PAPER, greedy_identity, identity_score
+from fastcomposer.identity import checker as identity
+from fastcomposer.inputs import faces
 
 from .identity_helpers import offline_checker, stand_in_embedder
 
@@ -34,7 +35,7 @@ def clip_dir(tmp_path_factory) -> Path:
     """A tiny random CLIP with the real tokenizer, saved as `--clip-model` expects."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from fastcomposer.prompt import load_tokenizer
+    from fastcomposer.inputs.prompt import load_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)

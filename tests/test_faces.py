@@ -18,8 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastcomposer import faces
-from fastcomposer.faces import FaceCrop, FaceCropper, FaceWeightsError, NoFaceFoundError, crop_subject, square_box
+from fastcomposer.inputs import faces
+from fastcomposer.inputs.faces import (
+    FaceCrop,
+    FaceCropper,
+    FaceWeightsError,
+    NoFaceFoundError,
+    crop_subject,
+    square_box,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -28,9 +28,9 @@ from gradio_client.exceptions import AppError, ValidationError
 
 import app as app_module
 from fastcomposer.config import SETTINGS, Settings
-from fastcomposer.faces import FaceCropper
-from fastcomposer.pipeline import FastComposerPipelineOutput
-from fastcomposer.prompt import load_tokenizer
+from fastcomposer.inputs.faces import FaceCropper
+from fastcomposer.inputs.prompt import load_tokenizer
+from fastcomposer.pipeline.pipeline_fastcomposer import FastComposerPipelineOutput
 
 from .app_helpers import ASTRONAUT, ROOT, Args, image_path, photos, request
 
@@ -265,7 +265,7 @@ def test_r12_the_unqueued_hint_refuses_huge_prompts_before_tokenising(tiny_app):
 
 
 def test_stop_pressed_before_denoising_runs_nothing(tiny_pipe):
-    from fastcomposer.generation import GenerationRequest, generate
+    from fastcomposer.generation.run import GenerationRequest, generate
 
     pipe = FakePipe()
     stop = threading.Event()
@@ -414,7 +414,7 @@ def test_r25_importing_the_app_loads_no_model():
 
 
 def test_r26_safety_checker_is_on_by_default_and_off_only_explicitly(monkeypatch, caplog):
-    import fastcomposer.loader as loader
+    import fastcomposer.pipeline.loading as loader
 
     seen = []
     monkeypatch.setattr(loader, "load_pipeline", lambda weights, **kw: seen.append(kw) or object())
@@ -430,7 +430,7 @@ def test_r26_safety_checker_is_on_by_default_and_off_only_explicitly(monkeypatch
 
 
 def test_r26_a_flagged_image_becomes_a_placeholder_and_the_user_is_told(tiny_pipe, tiny_app):
-    from fastcomposer.testing import tiny_safety_checker
+    from fastcomposer.models.testing import tiny_safety_checker
 
     _, client = tiny_app
     clean, _, _ = client.predict(**request(num_images=3, seed=11), api_name="/generate")

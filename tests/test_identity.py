@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastcomposer import identity
-from fastcomposer.cli import CLI_LIMITS
-from fastcomposer.identity import (
+from fastcomposer.commands.main import CLI_LIMITS
+from fastcomposer.identity import checker as identity
+from fastcomposer.identity.checker import (
     ArcFaceWeightsError,
     IdentityReport,
     align_face,
@@ -156,7 +156,7 @@ def test_subject_names(prompt, count, names):
 def test_landmarks_on_the_template_give_the_face_unchanged():
     from facexlib.detection.align_trans import get_reference_facial_points
 
-    from fastcomposer.faces import DetectedFace
+    from fastcomposer.inputs.faces import DetectedFace
 
     pixels = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     template = tuple(tuple(float(v) for v in p) for p in get_reference_facial_points(default_square=True))
@@ -166,7 +166,7 @@ def test_landmarks_on_the_template_give_the_face_unchanged():
 
 
 def test_a_box_without_landmarks_is_squared_and_resized():
-    from fastcomposer.faces import DetectedFace
+    from fastcomposer.inputs.faces import DetectedFace
 
     image = Image.new("RGB", (300, 200), (10, 20, 30))
     image.paste((200, 100, 50), (100, 50, 160, 150))  # a 60x100 "face"
@@ -285,7 +285,7 @@ def test_weights_are_never_unpickled():
 
 
 def test_offline_the_check_is_unavailable_and_generation_carries_on(tiny_pipe, monkeypatch, tmp_path, arcface_file):
-    from fastcomposer.generation import GenerationRequest, generate
+    from fastcomposer.generation.run import GenerationRequest, generate
 
     checker = offline_checker(cache_dir=tmp_path / "arcface")
     monkeypatch.setattr(identity, "_default_checker", checker)
@@ -310,7 +310,7 @@ def test_offline_the_check_is_unavailable_and_generation_carries_on(tiny_pipe, m
 
 
 def test_a_failing_check_never_breaks_generation(tiny_pipe, monkeypatch):
-    from fastcomposer.generation import GenerationRequest, generate
+    from fastcomposer.generation.run import GenerationRequest, generate
 
     checker = offline_checker(model=stand_in_embedder())
 
@@ -339,8 +339,8 @@ def test_default_checker_is_one_instance_across_threads():
 
 
 def test_cli_identity_check_prints_one_line_per_image_and_stores_the_report(tmp_path, capsys, monkeypatch):
-    from fastcomposer.cli import main
-    from fastcomposer.metadata import read_record
+    from fastcomposer.commands.main import main
+    from fastcomposer.generation.metadata import read_record
 
     monkeypatch.setattr(identity, "_default_checker", offline_checker(model=stand_in_embedder()))
     code = main(["generate", "--prompt", "a woman img and a man img", "--image", str(ASTRONAUT), "--image",

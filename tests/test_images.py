@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from fastcomposer.config import SETTINGS
-from fastcomposer.images import ImageError, load_image
+from fastcomposer.inputs.images import ImageError, load_image
 
 LIMITS = SETTINGS.limits
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastcomposer.lora import (
+from fastcomposer.models.lora import (
     LoraError,
     LoraSpec,
     apply_loras,
@@ -80,7 +80,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.fixture(scope="module")
 def pipe():
     """A tiny model of its own (the shared `tiny_pipe` stays LoRA-free and serves as the base model)."""
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False)
 
@@ -345,9 +345,9 @@ def test_load_pipeline_applies_loras_after_caching_the_base_weights(tmp_path, mo
     """The converted copy in the cache must hold the base weights only."""
     from safetensors.torch import load_file
 
-    from fastcomposer.architecture import build_modules, tiny_architecture
-    from fastcomposer.loader import load_pipeline
-    from fastcomposer.testing import released_state_dict, write_model_folders
+    from fastcomposer.models.architecture import build_modules, tiny_architecture
+    from fastcomposer.models.testing import released_state_dict, write_model_folders
+    from fastcomposer.pipeline.loading import load_pipeline
 
     monkeypatch.setenv("FASTCOMPOSER_CACHE", str(tmp_path / "cache"))
     arch = tiny_architecture()
@@ -369,8 +369,8 @@ def test_load_pipeline_applies_loras_after_caching_the_base_weights(tmp_path, mo
 
 
 def test_generate_records_the_loras_and_old_records_still_read(pipe, photos, tmp_path):
-    from fastcomposer.generation import GenerationRequest, generate
-    from fastcomposer.metadata import read_record, save_png
+    from fastcomposer.generation.metadata import read_record, save_png
+    from fastcomposer.generation.run import GenerationRequest, generate
 
     path = write_kohya(tmp_path / "ink.safetensors", lora_factors(10), alpha=2.0)
     apply_loras(pipe, [f"{path}:0.75"])
@@ -394,8 +394,8 @@ CLI = ["generate", "--prompt", "a woman img", "--image", ASTRONAUT, "--weights",
 
 
 def test_cli_few_step_sampler_with_a_lora(tmp_path, capsys):
-    from fastcomposer.cli import main
-    from fastcomposer.metadata import read_record
+    from fastcomposer.commands.main import main
+    from fastcomposer.generation.metadata import read_record
 
     lora = write_kohya(tmp_path / "lcm_like.safetensors", lora_factors(11), alpha=RANK)
     code = main([*CLI, "--output", str(tmp_path / "o.png"), "--scheduler", "lcm", "--steps", "4", "--guidance", "1.5",
@@ -416,7 +416,7 @@ def test_cli_few_step_sampler_with_a_lora(tmp_path, capsys):
     ],
 )
 def test_cli_lora_and_sampler_errors_exit_2_with_one_line(tmp_path, capsys, extra, message):
-    from fastcomposer.cli import main
+    from fastcomposer.commands.main import main
 
     code = main([*CLI, "--output", str(tmp_path / "o.png"), *extra])
     err = capsys.readouterr().err

@@ -5,11 +5,11 @@ from __future__ import annotations
 import PIL.Image
 import pytest
 
-from fastcomposer.checkpoint import CheckpointError, read_state_dict
-from fastcomposer.faces import NoFaceFoundError
-from fastcomposer.generation import GenerationError, GenerationRequest, generate, prepare_subjects, validate
-from fastcomposer.loader import SetupError, pick_dtype
+from fastcomposer.generation.run import GenerationError, GenerationRequest, generate, prepare_subjects, validate
+from fastcomposer.inputs.faces import NoFaceFoundError
 from fastcomposer.messages import AUDIENCES, PhotoRef, UserFacingError, Wording, message_for
+from fastcomposer.models.checkpoint import CheckpointError, read_state_dict
+from fastcomposer.pipeline.loading import SetupError, pick_dtype
 
 PHOTO = PIL.Image.new("RGB", (64, 64))
 
@@ -67,7 +67,7 @@ def test_no_face_keeps_its_wording_through_generate_and_names_files_on_the_comma
     assert "tick 'Use whole photo' under photo 1" in err.value.message_for("page")
     assert "`face_crop=False`" in str(err.value) and err.value.name == "photo 1"
 
-    from fastcomposer.prompt import load_tokenizer
+    from fastcomposer.inputs.prompt import load_tokenizer
 
     Pipe.tokenizer = load_tokenizer()
     request = GenerationRequest(prompt="a man img", images=[PHOTO])
@@ -93,7 +93,7 @@ def test_setup_errors_use_flags_or_arguments():
 
 
 def test_weights_errors_never_put_a_path_on_the_page(tmp_path):
-    from fastcomposer.weights import WeightsUnavailableError, resolve_weights
+    from fastcomposer.models.weights import WeightsUnavailableError, resolve_weights
 
     for target in (tmp_path / "nope.bin", tmp_path):
         error = pytest.raises(WeightsUnavailableError, resolve_weights, target).value

@@ -28,7 +28,7 @@ def test_special_tokenizer_and_image_token_id(tiny_pipe):
     # The pipeline's own tokenizer is untouched (the marker is never added to it).
     assert len(tiny_pipe.tokenizer) == 49408 and "img" not in tiny_pipe.tokenizer.get_added_vocab()
     # The original's quirk: an added token also matches inside words; our parser counts whole words only.
-    from fastcomposer.prompt import count_markers
+    from fastcomposer.inputs.prompt import count_markers
 
     quirky = "a man img holding imgur stickers"
     assert (np.array(tiny_pipe.special_tokenizer.encode(quirky)) == tiny_pipe.image_token_id).sum() == 2

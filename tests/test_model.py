@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
 
-from fastcomposer.model import CLIP_MEAN, CLIP_STD, PostfuseModule, SubjectImageProcessor, encode_subjects
+from fastcomposer.models.postfuse import CLIP_MEAN, CLIP_STD, PostfuseModule, SubjectImageProcessor, encode_subjects
 
 
 def spec_fuse(m: PostfuseModule, t: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcomposer.prompt import parse_prompt
+from fastcomposer.inputs.prompt import parse_prompt
 
 from .reference import original_generate
 
@@ -166,7 +166,7 @@ def test_mmagic_infer_alias(tiny_pipe, face):
 
 
 def test_flagged_images_are_replaced_and_reported(tiny_pipe, face):
-    from fastcomposer.testing import tiny_safety_checker
+    from fastcomposer.models.testing import tiny_safety_checker
 
     args = dict(num_inference_steps=2, generator=gen(3), num_images_per_prompt=2, **SMALL)
     clean = tiny_pipe("a woman img", [face], **args).images
@@ -184,7 +184,7 @@ def test_flagged_images_are_replaced_and_reported(tiny_pipe, face):
 
 
 def test_unflagged_images_pass_through_the_checker(tiny_pipe, face):
-    from fastcomposer.testing import tiny_safety_checker
+    from fastcomposer.models.testing import tiny_safety_checker
 
     args = dict(num_inference_steps=2, num_images_per_prompt=1, **SMALL)
     clean = tiny_pipe("a woman img", [face], generator=gen(4), **args).images[0]
@@ -200,7 +200,7 @@ def test_unflagged_images_pass_through_the_checker(tiny_pipe, face):
 
 @pytest.mark.gpu
 def test_cpu_generator_gives_the_same_image_on_cuda(face):
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     images = []
     for device in ("cpu", "cuda"):
@@ -212,7 +212,7 @@ def test_cpu_generator_gives_the_same_image_on_cuda(face):
 
 @pytest.mark.gpu
 def test_auto_dtype_on_cuda_is_fp16_and_finite(face):
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     pipe = load_pipeline("tiny", device="auto", dtype="auto", safety_checker=False)
     assert pipe.device.type == "cuda" and pipe.unet.dtype == torch.float16
@@ -250,7 +250,7 @@ def sd15_pndm_timesteps(steps: int) -> list[int]:
 
 def test_pndm_timesteps_survive_loading_with_another_sampler(tmp_path):
     """Built with DPM first (whose default spacing differs), PNDM must still use SD1.5's timesteps."""
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False, scheduler="dpm")
     for name in ("euler", "pndm"):
@@ -267,7 +267,7 @@ def test_pndm_timesteps_survive_loading_with_another_sampler(tmp_path):
 
 
 def test_bf16_on_the_cpu_generates(photos):
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     pipe = load_pipeline("tiny", device="cpu", dtype="bf16", safety_checker=False)
     out = pipe("a woman img", [photos["astronaut"]], num_inference_steps=2, generator=gen(0), output_type="np",
@@ -282,8 +282,8 @@ def test_a_converted_folder_loads_with_plain_from_pretrained(tmp_path, photos):
     from pathlib import Path
 
     from fastcomposer import FastComposerPipeline
-    from fastcomposer.architecture import build_modules, tiny_architecture
-    from fastcomposer.testing import released_state_dict, write_model_folders
+    from fastcomposer.models.architecture import build_modules, tiny_architecture
+    from fastcomposer.models.testing import released_state_dict, write_model_folders
 
     arch = tiny_architecture()
     torch.save(released_state_dict(build_modules(arch, empty=False)), tmp_path / "model.bin")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastcomposer import presets
-from fastcomposer.schedulers import scheduler_name
+from fastcomposer.pipeline import presets
+from fastcomposer.pipeline.schedulers import scheduler_name
 
 SMALL = dict(height=64, width=64, output_type="np")
 
@@ -77,7 +77,7 @@ def test_a_preset_call_equals_the_same_settings_spelled_out(tiny_pipe, photos):
 
 
 def test_load_pipeline_preset_sets_the_sampler_and_the_default():
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False, preset="fast")
     assert scheduler_name(pipe.scheduler) == "dpm" and pipe.default_preset == "fast"
@@ -87,7 +87,7 @@ def test_load_pipeline_preset_sets_the_sampler_and_the_default():
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_on_the_cpu_follows_native_bf16(monkeypatch, native, expected):
-    from fastcomposer import loader
+    from fastcomposer.pipeline import loading as loader
 
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
     assert loader.pick_dtype("auto", torch.device("cpu")) == expected
@@ -96,7 +96,7 @@ def test_auto_dtype_on_the_cpu_follows_native_bf16(monkeypatch, native, expected
 
 
 def test_native_bf16_probe_reads_the_cpu_flags(monkeypatch, tmp_path):
-    from fastcomposer import loader
+    from fastcomposer.pipeline import loading as loader
 
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcomposer.previews import LATENT_RGB_FACTORS, latents_to_rgb, predict_clean_latents
-from fastcomposer.schedulers import make_scheduler
+from fastcomposer.pipeline.previews import LATENT_RGB_FACTORS, latents_to_rgb, predict_clean_latents
+from fastcomposer.pipeline.schedulers import make_scheduler
 
 
 def test_clean_latent_estimate_equals_ddims_own(tiny_pipe):
@@ -32,7 +32,7 @@ def test_latents_to_rgb_is_the_linear_map():
 
 
 def test_previews_arrive_during_a_run_and_the_final_image_is_the_vaes(tiny_pipe, photos):
-    from fastcomposer.generation import PREVIEW_EVERY, GenerationRequest, generate
+    from fastcomposer.generation.run import PREVIEW_EVERY, GenerationRequest, generate
 
     seen = []
     request = GenerationRequest(prompt="a woman img", images=[photos["astronaut"]], num_inference_steps=6,

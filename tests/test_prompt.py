@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastcomposer.prompt import count_markers, parse_prompt, strip_markers
+from fastcomposer.inputs.prompt import count_markers, parse_prompt, strip_markers
 
 from .reference import original_tokenize_and_mask
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastcomposer.prompt import parse_prompt
-from fastcomposer.schedulers import SCHEDULERS, make_scheduler, max_steps
+from fastcomposer.inputs.prompt import parse_prompt
+from fastcomposer.pipeline.schedulers import SCHEDULERS, make_scheduler, max_steps
 
 from .test_pipeline import SMALL, gen, record_unet_conditions
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcomposer.model import encode_subjects
+from fastcomposer.models.postfuse import encode_subjects
 
 SMALL = dict(height=64, width=64, num_inference_steps=3, output_type="np")
 CPU = torch.device("cpu")
@@ -81,7 +81,7 @@ def test_bad_photo_lists_are_clear_errors(tiny_pipe, photos, groups, message):
 
 
 def test_generate_records_photo_counts_only(tiny_pipe, photos):
-    from fastcomposer.generation import GenerationRequest, generate
+    from fastcomposer.generation.run import GenerationRequest, generate
 
     a, b, c = photos["astronaut"], photos["hopper"], photos["camera"]
     request = GenerationRequest(prompt="a woman img and a man img", images=[[a, b], c], num_inference_steps=2,

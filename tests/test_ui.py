@@ -12,10 +12,10 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app as app_module
-from fastcomposer.estimate import Estimator, Hardware
-from fastcomposer.faces import FaceCropper
-from fastcomposer.metadata import read_record
-from fastcomposer.presets import PRESETS
+from fastcomposer.generation.estimate import Estimator, Hardware
+from fastcomposer.generation.metadata import read_record
+from fastcomposer.inputs.faces import FaceCropper
+from fastcomposer.pipeline.presets import PRESETS
 from fastcomposer.ui import server
 from fastcomposer.ui.settings import CUSTOM, SpeedAdvice, speed_of
 
@@ -143,7 +143,7 @@ def test_the_default_speed_depends_on_the_hardware(tiny_pipe, monkeypatch):
 
 
 def test_a_lora_from_the_folder_is_applied_and_recorded_and_a_bad_one_explained(tmp_path, monkeypatch):
-    from fastcomposer.loader import load_pipeline
+    from fastcomposer.pipeline.loading import load_pipeline
 
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32", safety_checker=False)  # its own: LoRAs stay on it
     write_peft(tmp_path / "style.safetensors", lora_factors(seed=1))
@@ -171,7 +171,7 @@ def test_a_lora_from_the_folder_is_applied_and_recorded_and_a_bad_one_explained(
 
 
 def test_compile_and_warm_up_only_where_they_pay_off(monkeypatch):
-    import fastcomposer.loader as loader
+    import fastcomposer.pipeline.loading as loader
 
     parse = app_module.build_parser().parse_args
     monkeypatch.delenv("FASTCOMPOSER_COMPILE", raising=False)
@@ -206,7 +206,7 @@ def test_warm_up_runs_one_short_generation_at_the_default_size(tiny_pipe, monkey
 
 
 def test_serve_is_the_app_for_an_installed_package(capsys):
-    from fastcomposer.cli import main
+    from fastcomposer.commands.main import main
 
     with pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
@@ -285,7 +285,7 @@ def test_sweep_field_and_budget():
 
 
 def test_identity_is_on_by_default_only_where_its_weights_are(monkeypatch, tmp_path):
-    from fastcomposer.identity import ARCFACE
+    from fastcomposer.identity.checker import ARCFACE
     from fastcomposer.ui.insight import IDENTITY_OFF, IDENTITY_ON, identity_default
 
     monkeypatch.setenv("FASTCOMPOSER_CACHE", str(tmp_path))
@@ -296,7 +296,7 @@ def test_identity_is_on_by_default_only_where_its_weights_are(monkeypatch, tmp_p
 
 
 def test_slot_colours_are_the_attention_colours():
-    from fastcomposer.attention import SUBJECT_COLOURS
+    from fastcomposer.pipeline.attention import SUBJECT_COLOURS
     from fastcomposer.ui.texts import page_css
 
     css = page_css(SUBJECT_COLOURS)

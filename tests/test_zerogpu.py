@@ -22,8 +22,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app as app_module
-from fastcomposer.faces import FaceCropper
-from fastcomposer.metadata import read_record
+from fastcomposer.generation.metadata import read_record
+from fastcomposer.inputs.faces import FaceCropper
 from fastcomposer.ui import gpu
 
 from .app_helpers import ASTRONAUT, HOPPER, Args, image_path, photos, request
@@ -171,8 +171,8 @@ def test_several_photos_per_subject_and_a_sweep_cross_to_the_worker(zerogpu_app,
 
 
 def test_a_sweep_reserves_gpu_time_for_every_run():
-    from fastcomposer.estimate import Estimator, Hardware
-    from fastcomposer.generation import GenerationRequest
+    from fastcomposer.generation.estimate import Estimator, Hardware
+    from fastcomposer.generation.run import GenerationRequest
 
     estimator = Estimator(Hardware("zerogpu", "fp16"))
     key = gpu.register(gpu.Engine(lambda: None, None, estimator))

@@ -72,7 +72,7 @@ class SubjectLoader:
     def load(self, name: str, path: str, face_crop: bool, whole: bool, margin: float | None):
         """(photo, its `faces.FaceCrop` or None when used whole). Raises ImageError, NoFaceFoundError, or
         ValueError when no face detector can run at all; callers choose how to show each."""
-        from ..images import load_image
+        from ..inputs.images import load_image
 
         image = load_image(path, name=name, limits=self.limits)
         if not face_crop or whole:
@@ -85,8 +85,8 @@ class SubjectLoader:
 
         `wholes` holds the 1-based numbers of the photos to use uncropped.
         """
-        from ..faces import NoFaceFoundError
-        from ..images import ImageError
+        from ..inputs.faces import NoFaceFoundError
+        from ..inputs.images import ImageError
 
         crops = []
         for j, path in enumerate(paths):
@@ -104,8 +104,8 @@ class SubjectLoader:
     def preview_one(self, k: int, j: int, count: int, path: str, face_crop: bool, whole: bool,
                     margin: float | None) -> PhotoPreview:
         """Photo j+1 of subject k+1 as the page shows it; problems become its status."""
-        from ..faces import NoFaceFoundError
-        from ..images import ImageError, load_image
+        from ..inputs.faces import NoFaceFoundError
+        from ..inputs.images import ImageError, load_image
 
         name, number = photo_name(k, j, count), j + 1
         colour = self.colours[k % len(self.colours)]

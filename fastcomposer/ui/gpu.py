@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..config import Limits
-from ..estimate import Estimator, Workload
+from ..generation.estimate import Estimator, Workload
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ def run_generation(key: str, request, subjects: list, loras: list[str], alphas: 
         alphas: a sweep's alphas (`streaming.stream_sweep`), all in this one call so ZeroGPU reserves the GPU
             once; None for one run at `request.alpha`.
     """
-    from ..generation import GenerationError
-    from ..lora import LoraError, apply_loras
-    from ..streaming import stream_generation, stream_sweep
+    from ..generation.run import GenerationError
+    from ..generation.streaming import stream_generation, stream_sweep
+    from ..models.lora import LoraError, apply_loras
 
     engine = ENGINES[key]
     pipe = engine.get_pipeline()

@@ -42,7 +42,7 @@ class InsightControls:
 def identity_default() -> tuple[bool, str]:
     """(on by default, the line under the checkbox): on when ArcFace's weights are already on this server, so a
     visitor's first run never waits for a download they did not ask for. Looks at the file only (no download)."""
-    from ..identity import ARCFACE
+    from ..identity.checker import ARCFACE
 
     return (True, IDENTITY_ON) if ARCFACE.path().is_file() else (False, IDENTITY_OFF)
 
@@ -68,7 +68,7 @@ def parse_sweep(text: str | None) -> list[float] | None:
     Raises:
         ValueError: with the page's wording, for anything but 2 to `sweep.MAX_SWEEP` distinct alphas in [0, 1].
     """
-    from ..sweep import MAX_SWEEP, parse_alphas
+    from ..generation.sweep import MAX_SWEEP, parse_alphas
 
     text = (text or "").strip()
     if not text or text.lower() == "off":
@@ -114,7 +114,7 @@ def _join(*parts: str | None) -> str | None:
 
 def result_items(results: Sequence, alphas: Sequence[float] | None) -> list[tuple]:
     """A finished run's gallery: (image, caption) pairs, in the order the module docstring gives."""
-    from ..sweep import grid, sweep_grid
+    from ..generation.sweep import grid, sweep_grid
 
     items: list[tuple] = []
     done = [r for r in results if not r.interrupted and r.images]

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import SETTINGS, Settings
-from ..estimate import Estimator, Hardware
+from ..generation.estimate import Estimator, Hardware
 from .crops import SubjectLoader
 from .insight import InsightControls, build_insight
 from .photos import PhotoSlots, build_photo_slots, wire_photo_slots
@@ -30,8 +30,8 @@ def detect_hardware() -> Hardware:
     """What `load_pipeline(device="auto", dtype="auto")` runs on here."""
     import torch
 
-    from ..estimate import is_zerogpu
-    from ..loader import pick_device, pick_dtype
+    from ..generation.estimate import is_zerogpu
+    from ..pipeline.loading import pick_device, pick_dtype
 
     device = pick_device("auto")
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[pick_dtype("auto", device)]
@@ -60,11 +60,11 @@ def create_demo(
         preset_reason: why that is the default, shown on the page (with `preset`).
         assets: the folder of bundled example photos; "auto" finds it (`texts.find_assets`), None hides examples.
     """
-    from ..attention import SUBJECT_COLOURS
-    from ..faces import default_cropper
-    from ..lora import list_local_loras
-    from ..presets import default_app_preset
-    from ..prompt import load_tokenizer
+    from ..inputs.faces import default_cropper
+    from ..inputs.prompt import load_tokenizer
+    from ..models.lora import list_local_loras
+    from ..pipeline.attention import SUBJECT_COLOURS
+    from ..pipeline.presets import default_app_preset
     from .gpu import Engine, on_gpu, register, run_generation
     from .run import Handlers
 

@@ -43,7 +43,7 @@ def header(k: int, word: str | None) -> str:
 
 def headers_for(prompt: str | None) -> list[str]:
     """Every slot's header for `prompt` (a marker with no word before it leaves its slot unnamed)."""
-    from ..prompt import subject_words
+    from ..inputs.prompt import subject_words
 
     words = subject_words(prompt or "") if len(prompt or "") <= 10_000 else []  # unqueued: keep it cheap
     return [header(k, words[k] if k < len(words) and not words[k].startswith("subject ") else None)
@@ -83,7 +83,7 @@ def _slot(k: int, limits: Limits, parts: dict[str, list]) -> None:
 
 def build_photo_slots(limits: Limits) -> PhotoSlots:
     """Lay out the slots (inside a Blocks context)."""
-    from ..faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
+    from ..inputs.faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
 
     parts: dict[str, list] = {name: [] for name in ("headers", "photos", "previews", "statuses", "wholes")}
     with gr.Row(equal_height=False):

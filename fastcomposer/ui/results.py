@@ -45,7 +45,7 @@ def build_results() -> ResultsPanel:
 
 def restore(path: str | None, loras: dict) -> tuple:
     """The settings stored in a PNG made here, in the order of the page's settings inputs (see page.py)."""
-    from ..metadata import read_record
+    from ..generation.metadata import read_record
 
     record = read_record(path) if path else None
     if record is None:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from ..estimate import Estimator, format_seconds, is_zerogpu
-from ..streaming import PreviewEvent, ResultEvent, RunEvent, StepEvent
+from ..generation.estimate import Estimator, format_seconds, is_zerogpu
+from ..generation.streaming import PreviewEvent, ResultEvent, RunEvent, StepEvent
 from .gpu import Failed, workload
 from .insight import parse_sweep, result_items, result_status, sweep_problem
 from .photos import photos_of
@@ -119,7 +119,7 @@ class Handlers:
 
         Gradio passes it Generate's inputs (and injects `request` only into named positional parameters).
         """
-        from ..hints import prompt_hint
+        from ..generation.hints import prompt_hint
 
         limits = self.settings.limits
         subjects = photos_of([photo_1, photo_2, photo_3, photo_4][:MAX_SLOTS])
@@ -149,7 +149,7 @@ class Handlers:
                  lora, lora_scale, crop_margin, attention_maps, identity_check, alpha_sweep, shown,
                  request: gr.Request, progress=gr.Progress()):  # noqa: B008 - gradio's idiom
         """Yields (gallery, seed used, status, images kept on display)."""
-        from ..generation import GenerationRequest
+        from ..generation.run import GenerationRequest
 
         session = request.session_hash or ""
         run = self.runs.start(session)  # Stop works from here on
@@ -172,7 +172,7 @@ class Handlers:
             self.runs.end(session, run)
 
     def _generate(self, run: Run, request, page: _PageInputs, shown, progress):
-        from ..generation import GenerationError, validate
+        from ..generation.run import GenerationError, validate
 
         # 1. Cheap checks first: nothing is decoded or loaded for a request that cannot run
         photos = photos_of(page.slots)

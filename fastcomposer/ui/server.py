@@ -14,8 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import SETTINGS, Settings
-from ..estimate import is_zerogpu
-from ..presets import PRESET_ENV, PRESETS
+from ..generation.estimate import is_zerogpu
+from ..pipeline.presets import PRESET_ENV, PRESETS
 from .texts import REPO_ROOT, page_css
 
 logger = logging.getLogger("fastcomposer.app")
@@ -60,7 +60,7 @@ def should_compile(args: argparse.Namespace) -> bool:
 
     A ZeroGPU worker is a fresh fork each time it starts: it would pay the compilation again and again.
     """
-    from ..loader import pick_device
+    from ..pipeline.loading import pick_device
 
     wanted = getattr(args, "compile", None)
     if wanted is not None:
@@ -79,7 +79,7 @@ def warm_up(pipe, settings: Settings = SETTINGS) -> None:
 
     import PIL.Image
 
-    from ..generation import GenerationRequest, generate
+    from ..generation.run import GenerationRequest, generate
 
     d = settings.defaults
     photo = PIL.Image.new("RGB", (256, 256), (128, 128, 128))
@@ -92,10 +92,10 @@ def warm_up(pipe, settings: Settings = SETTINGS) -> None:
 
 def load_or_preview(args: argparse.Namespace) -> tuple[object, str | None]:
     """The real pipeline, or the tiny preview model plus a banner that says why and how to fix it."""
-    from ..checkpoint import CheckpointError
-    from ..loader import load_pipeline
     from ..messages import message_for
-    from ..weights import WeightsUnavailableError
+    from ..models.checkpoint import CheckpointError
+    from ..models.weights import WeightsUnavailableError
+    from ..pipeline.loading import load_pipeline
 
     safety = not (args.no_safety_checker or os.environ.get("FASTCOMPOSER_DISABLE_SAFETY") == "1")
     if not safety:
@@ -124,7 +124,7 @@ def hardware_of(pipe):
     """Where `pipe` runs, for the page's estimates."""
     import torch
 
-    from ..estimate import Hardware
+    from ..generation.estimate import Hardware
 
     module = getattr(pipe, "unet", None)
     if not isinstance(module, torch.nn.Module):
@@ -139,8 +139,8 @@ def hardware_of(pipe):
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTINGS, **kwargs) -> None:
     """Queue and serve `demo` with the limits in `settings` (see README, "Limits and safety")."""
-    from ..attention import SUBJECT_COLOURS
-    from ..weights import cache_dir
+    from ..models.weights import cache_dir
+    from ..pipeline.attention import SUBJECT_COLOURS
 
     server = settings.server
     demo.queue(max_size=server.queue_max_size, default_concurrency_limit=1, api_open=False)

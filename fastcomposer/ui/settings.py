@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import GenerationDefaults, Limits
-from ..estimate import Estimator, Workload, format_seconds
-from ..presets import PRESETS, default_steps, get_preset
+from ..generation.estimate import Estimator, Workload, format_seconds
+from ..pipeline.presets import PRESETS, default_steps, get_preset
 
 CUSTOM = "custom"
 SPEED_CHOICES = [(p.label, p.name) for p in PRESETS.values()] + [("Custom", CUSTOM)]
@@ -78,7 +78,7 @@ class SettingsControls:
 
 def build_settings(d: GenerationDefaults, limits: Limits, preset: str, loras: dict[str, Path]) -> SettingsControls:
     """Prompt, identity strength, images, LoRA and the Advanced accordion (inside a Blocks context)."""
-    from ..schedulers import SCHEDULER_LABELS
+    from ..pipeline.schedulers import SCHEDULER_LABELS
 
     p = get_preset(preset)
     prompt = gr.Textbox(label="Prompt", lines=2, max_lines=4, elem_id="prompt",
@@ -153,7 +153,7 @@ def wire_speed(c: SettingsControls, advice: SpeedAdvice) -> None:
 def wire_hint(c: SettingsControls, galleries: list, tokenizer, limits: Limits) -> None:
     """The live "2 subjects in prompt · 2 photos ✓" line, unqueued (it runs on every keystroke). It counts subjects
     (slots with photos), not photos: a subject's several photos fill one `img`."""
-    from ..hints import prompt_hint
+    from ..generation.hints import prompt_hint
     from .photos import photos_of
 
     def hint(prompt: str, *values) -> str:

@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .config import SETTINGS, Limits
-from .messages import PhotoRef, UserFacingError, Wording
+from ..config import SETTINGS, Limits
+from ..messages import PhotoRef, UserFacingError, Wording
 
 logger = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def write_model_folders(arch, base_dir: str | Path, image_encoder_dir: str | Pat
 
     from transformers import CLIPConfig
 
-    from .prompt import load_tokenizer
+    from ..inputs.prompt import load_tokenizer
 
     base, clip = Path(base_dir), Path(image_encoder_dir)
     for name, cfg, filename in (("unet", arch.unet, "config.json"), ("vae", arch.vae, "config.json"),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .messages import UserFacingError, Wording, escape
+from ..messages import UserFacingError, Wording, escape
 
 logger = logging.getLogger(__name__)
 

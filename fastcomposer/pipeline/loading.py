@@ -13,16 +13,13 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessor
 
-from . import config
-from .architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
-from .checkpoint import load_into_modules, read_state_dict
-from .lora import LoraSpec, apply_loras, lora_file, parse_lora_spec
-from .messages import SETTING_NAMES, UserFacingError, Wording
-from .pipeline import FastComposerPipeline
-from .presets import get_preset
-from .prompt import load_tokenizer
-from .schedulers import make_scheduler
-from .weights import (
+from .. import config
+from ..inputs.prompt import load_tokenizer
+from ..messages import SETTING_NAMES, UserFacingError, Wording
+from ..models.architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
+from ..models.checkpoint import load_into_modules, read_state_dict
+from ..models.lora import LoraSpec, apply_loras, lora_file, parse_lora_spec
+from ..models.weights import (
     ResolvedWeights,
     WeightsUnavailableError,
     cache_dir,
@@ -32,6 +29,9 @@ from .weights import (
     resolve_weights,
     write_provenance,
 )
+from .pipeline_fastcomposer import FastComposerPipeline
+from .presets import get_preset
+from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 

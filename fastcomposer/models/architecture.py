@@ -18,11 +18,11 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .model import PostfuseModule
+from .postfuse import PostfuseModule
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # data shared by the layers, beside the package root
 COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder", "postfuse_module")  # what the checkpoint holds
 
 

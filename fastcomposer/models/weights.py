@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config
-from .messages import UserFacingError, Wording
+from .. import config
+from ..downloads import cache_dir
+from ..messages import UserFacingError, Wording
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ class ResolvedWeights:
     path: Path | None  # the file or folder; None for tiny
     origin: str  # where it came from, for logs and PNG metadata ("tiny", "local file", "cache", "hub")
     revision: str | None = None  # the Hub revision for hub/cache weights
-
-
-def cache_dir() -> Path:
-    """Our cache folder: $FASTCOMPOSER_CACHE, else ~/.cache/fastcomposer."""
-    return Path(os.environ.get("FASTCOMPOSER_CACHE") or Path.home() / ".cache" / "fastcomposer")
 
 
 def checkpoint_revision() -> str:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import PIL.Image
 
-from .config import SETTINGS, Limits
-from .generation import GenerationRequest, GenerationResult, generate
+from ..config import SETTINGS, Limits
+from .run import GenerationRequest, GenerationResult, generate
 from .sweep import parse_alphas
 
 

@@ -17,8 +17,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from .config import SETTINGS, Limits
-from .generation import GenerationRequest, GenerationResult, generate
+from ..config import SETTINGS, Limits
+from .run import GenerationRequest, GenerationResult, generate
 
 MAX_SWEEP = 8  # alphas per sweep: a grid wider than this is unreadable on a screen
 

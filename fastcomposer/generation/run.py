@@ -20,15 +20,14 @@ from dataclasses import dataclass, field, replace
 import PIL.Image
 import torch
 
-from . import __version__
-from .attention import overlay
-from .config import SETTINGS, Limits
-from .faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
-from .messages import PhotoRef, UserFacingError, Wording
+from ..config import SETTINGS, VERSION, Limits
+from ..inputs.faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
+from ..inputs.prompt import ParsedPrompt, parse_prompt, subject_words
+from ..messages import PhotoRef, UserFacingError, Wording
+from ..pipeline.attention import overlay
+from ..pipeline.previews import latents_to_rgb
+from ..pipeline.schedulers import SCHEDULERS, max_steps
 from .metadata import GenerationRecord, with_metadata
-from .previews import latents_to_rgb
-from .prompt import ParsedPrompt, parse_prompt, subject_words
-from .schedulers import SCHEDULERS, max_steps
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ def prepare_subjects(
     if not face_crop:
         return groups
     if crop_fn is None:
-        from .faces import crop_subject as crop_fn
+        from ..inputs.faces import crop_subject as crop_fn
 
     def default(k: int, j: int, group: list) -> str:
         return f"photo {k + 1}" if len(group) == 1 else f"photo {j + 1} of subject {k + 1}"
@@ -323,7 +322,7 @@ def generate(
         guidance_scale=float(request.guidance_scale), num_inference_steps=int(request.num_inference_steps),
         scheduler=request.scheduler, height=int(request.height), width=int(request.width),
         num_images=int(request.num_images), face_crop=bool(request.face_crop), crop_margin=recorded_margin(request),
-        model=getattr(pipe, "weights_label", ""), version=__version__,
+        model=getattr(pipe, "weights_label", ""), version=VERSION,
         cache_interval=int(request.cache_interval), preset=request.preset,
         photos_per_subject=[len(group) for group in subjects],
         loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
@@ -358,7 +357,7 @@ def check_identity(request: GenerationRequest, out, subjects: Sequence, records:
     inputs `subjects` (a photo, or a list of photos, per subject), stored in each record too. Never raises."""
     if not request.identity_check or not out.images:
         return []
-    from .identity import default_checker, subject_names
+    from ..identity.checker import default_checker, subject_names
 
     names = subject_names(request.prompt, len(subjects))
     reports = default_checker().check_images(out.images, subjects, names, hidden=out.nsfw_content_detected)

@@ -44,9 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .config import SETTINGS, Limits
-from .identity import IdentityChecker, default_checker
+from ..config import SETTINGS, VERSION, Limits
+from ..identity.checker import IdentityChecker, default_checker
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class EvaluationResult:
 
 
 def _photos_in(entry: Path, case: str, k: int) -> list[Image.Image]:
-    from .images import ImageError, load_image
+    from ..inputs.images import ImageError, load_image
 
     files = sorted(p for p in entry.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES) if entry.is_dir() else [entry]
     if not files:
@@ -114,7 +113,7 @@ def _photos_in(entry: Path, case: str, k: int) -> list[Image.Image]:
 
 def load_case(folder: Path) -> Case:
     """Read one case folder (see the module docstring for the layout)."""
-    from .prompt import count_markers
+    from ..inputs.prompt import count_markers
     name = folder.name
     prompts_file = folder / PROMPTS_FILE
     if not prompts_file.is_file():
@@ -254,10 +253,10 @@ def evaluate(
     Raises:
         `EvaluationError` with a message that says what to fix.
     """
-    from .evaluation_report import to_markdown, write_contact_sheet
-    from .generation import GenerationError, GenerationRequest, generate, prepare_subjects, validate
-    from .metadata import save_png
-    from .prompt import load_tokenizer, strip_markers
+    from ..generation.metadata import save_png
+    from ..generation.run import GenerationError, GenerationRequest, generate, prepare_subjects, validate
+    from ..inputs.prompt import load_tokenizer, strip_markers
+    from .report import to_markdown, write_contact_sheet
 
     # 1. Everything that needs no model: the output folder, the cases, the settings
     out = Path(output_dir)
@@ -333,7 +332,7 @@ def evaluate(
 
     # 4. The report
     report = dict(
-        settings={**asdict(settings), "model": getattr(pipe, "weights_label", ""), "version": __version__,
+        settings={**asdict(settings), "model": getattr(pipe, "weights_label", ""), "version": VERSION,
                   "identity_model": "facexlib ArcFace IR-SE50", "face_detector": checker.cropper.detector_name},
         **_averages(entries, settings.alphas),
         cases={c.name: dict(subjects=len(c.photos), prompts=len(c.prompts),
@@ -350,7 +349,7 @@ def evaluate(
 
 
 def _averages(entries: list[dict], alphas: tuple[float, ...]) -> dict:
-    from .evaluation_report import summarize
+    from .report import summarize
 
     return dict(overall=summarize(entries),
                 by_alpha={f"{a:g}": summarize([e for e in entries if e["alpha"] == a]) for a in alphas})

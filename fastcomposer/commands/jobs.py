@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import CLI_LIMITS, UserError, output_paths, request_from_args
-from .generation import GenerationRequest, validate
-from .images import ImageError, load_image
+from ..generation.run import GenerationRequest, validate
+from ..inputs.images import ImageError, load_image
+from .main import CLI_LIMITS, UserError, output_paths, request_from_args
 
 # A job's optional keys -> (the generate flag's attribute they replace, the JSON type they take).
 SETTING_KEYS: dict[str, tuple[str, str]] = {
@@ -76,7 +76,7 @@ def read_jobs(path: Path, out_dir: Path, defaults: argparse.Namespace) -> tuple[
     Raises:
         `UserError` when the file itself cannot be read.
     """
-    from .prompt import load_tokenizer
+    from ..inputs.prompt import load_tokenizer
 
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark from Windows editors is not JSON

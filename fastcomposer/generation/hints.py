@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import MARKER
-from .prompt import count_markers, parse_prompt
+from ..config import MARKER
+from ..inputs.prompt import count_markers, parse_prompt
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import SETTINGS
-from .messages import message_for
-from .presets import PRESETS, default_steps
-from .schedulers import SCHEDULERS
+from ..config import SETTINGS
+from ..messages import message_for
+from ..pipeline.presets import PRESETS, default_steps
+from ..pipeline.schedulers import SCHEDULERS
 
 logger = logging.getLogger("fastcomposer")
 
@@ -138,7 +138,7 @@ def sampling_plan(args: argparse.Namespace):
 
     Without --preset a lone --scheduler keeps its own step default (dpm 25), as before presets existed.
     """
-    from .presets import resolve
+    from ..pipeline.presets import resolve
 
     steps = args.steps
     if args.preset is None and args.scheduler is not None and steps is None:
@@ -175,8 +175,8 @@ def load_subject_photos(values: list[str]):
 
     Raises UserError for a bad file, naming the file as given.
     """
-    from .images import ImageError, load_image
-    from .messages import PhotoRef
+    from ..inputs.images import ImageError, load_image
+    from ..messages import PhotoRef
 
     names = []
     for k, value in enumerate(values):
@@ -191,7 +191,7 @@ def load_subject_photos(values: list[str]):
 
 def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha: float):
     """A GenerationRequest from generation flags (see `_generation_args`); the size is settled after loading."""
-    from .generation import GenerationRequest
+    from ..generation.run import GenerationRequest
 
     plan = sampling_plan(args)
     return GenerationRequest(
@@ -206,9 +206,9 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
 
 def load_model(args: argparse.Namespace):
     """load_pipeline from the model flags (see `_model_args`); its errors become one-line UserErrors."""
-    from .checkpoint import CheckpointError
-    from .loader import load_pipeline
-    from .weights import WeightsUnavailableError
+    from ..models.checkpoint import CheckpointError
+    from ..models.weights import WeightsUnavailableError
+    from ..pipeline.loading import load_pipeline
 
     try:
         return load_pipeline(
@@ -229,12 +229,12 @@ def with_model_size(request, pipe, args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationError, generate, prepare_subjects, validate
-    from .lora import parse_lora_spec
-    from .metadata import save_png
-    from .prompt import load_tokenizer
-    from .sweep import alpha_sweep, grid_path, sweep_grid, sweep_paths
-    from .sweep import parse_alphas as check_sweep
+    from ..generation.metadata import save_png
+    from ..generation.run import GenerationError, generate, prepare_subjects, validate
+    from ..generation.sweep import alpha_sweep, grid_path, sweep_grid, sweep_paths
+    from ..generation.sweep import parse_alphas as check_sweep
+    from ..inputs.prompt import load_tokenizer
+    from ..models.lora import parse_lora_spec
 
     # 1. Read the photos safely (plain-words errors for bad files); one --image per subject
     images, names = load_subject_photos(args.image)
@@ -312,7 +312,7 @@ def _comma_list(kind: type):
 
 
 def _evaluate_args(e: argparse.ArgumentParser) -> None:
-    from .evaluate import CLIP_REPO, EvaluationSettings
+    from ..evaluation.runner import CLIP_REPO, EvaluationSettings
 
     d = EvaluationSettings()
     e.add_argument("cases", metavar="CASES_DIR",
@@ -340,8 +340,8 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvaluationError, EvaluationSettings, evaluate
-    from .loader import load_pipeline, pick_device
+    from ..evaluation.runner import EvaluationError, EvaluationSettings, evaluate
+    from ..pipeline.loading import load_pipeline, pick_device
 
     try:
         device = str(pick_device(args.device))
@@ -355,8 +355,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
 
     def load():
-        from .checkpoint import CheckpointError
-        from .weights import WeightsUnavailableError
+        from ..models.checkpoint import CheckpointError
+        from ..models.weights import WeightsUnavailableError
 
         try:
             return load_pipeline(
@@ -383,11 +383,11 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .architecture import build_modules, bundled_architecture, with_overrides
-    from .checkpoint import CheckpointError, load_into_modules, read_state_dict
-    from .loader import assemble
-    from .messages import message_for
-    from .weights import ResolvedWeights, write_provenance
+    from ..messages import message_for
+    from ..models.architecture import build_modules, bundled_architecture, with_overrides
+    from ..models.checkpoint import CheckpointError, load_into_modules, read_state_dict
+    from ..models.weights import ResolvedWeights, write_provenance
+    from ..pipeline.loading import assemble
 
     source, out = Path(args.input), Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -395,7 +395,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         arch = with_overrides(bundled_architecture(), args.base_model, args.image_encoder)
         modules = build_modules(arch, empty=True)
-        from .loader import DTYPES
+        from ..pipeline.loading import DTYPES
 
         dtype = None if args.dtype == "same" else DTYPES[args.dtype]
         load_into_modules(modules, read_state_dict(source), dtype=dtype, source=f"checkpoint {source.name}")
@@ -410,7 +410,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_serve(argv: list[str]) -> int:
     """`python -m fastcomposer serve [app options]`: the web app without app.py (for an installed package)."""
-    from .ui.server import main as serve
+    from ..ui.server import main as serve
 
     serve(argv, prog="python -m fastcomposer serve")
     return 0

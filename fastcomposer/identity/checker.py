@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .downloads import DownloadError, WeightsFile, fetch
-from .faces import Box, DetectedFace, FaceCropper, default_cropper
+from ..downloads import DownloadError, WeightsFile, fetch
+from ..inputs.faces import Box, DetectedFace, FaceCropper, default_cropper
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def match_faces(
 def subject_names(prompt: str, count: int) -> list[str]:
     """The word before each `img` marker ("a man img and a woman img" -> ["man", "woman"]), numbered when
     two are the same ("man#1", "man#2"); "subject k" where the prompt does not say."""
-    from .prompt import MARKER_PATTERN  # imports transformers: only when needed
+    from ..inputs.prompt import MARKER_PATTERN  # imports transformers: only when needed
 
     pieces = MARKER_PATTERN.split(prompt)[:-1] if isinstance(prompt, str) else []
     words = [(re.findall(r"[^\W_][\w'-]*", piece) or [""])[-1] for piece in pieces]

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .config import MARKER, SETTINGS
+from ..config import MARKER, SETTINGS
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_DIR = Path(__file__).parent / "configs" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
 
 # A whole-word marker: not part of a longer word ("imgur", "imgs", "img2"), case-sensitive like the
 # original (CLIP lower-cases later, so "IMG" stays an ordinary word).

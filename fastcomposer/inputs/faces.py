@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .downloads import DOWNLOAD_TIMEOUT_S, DownloadError, WeightsFile, fetch
-from .messages import PhotoRef, UserFacingError, Wording
+from ..downloads import DOWNLOAD_TIMEOUT_S, DownloadError, WeightsFile, fetch
+from ..messages import PhotoRef, UserFacingError, Wording
 
 logger = logging.getLogger(__name__)
 

@@ -40,13 +40,13 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import is_compiled_module
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from ..config import MARKER, SETTINGS
+from ..inputs.prompt import ParsedPrompt, parse_prompt
+from ..models.postfuse import PostfuseModule, SubjectImageProcessor, encode_subjects
 from .attention import SubjectAttention, capture_attention
 from .caching import FeatureCache, is_full_pass
-from .config import MARKER, SETTINGS
-from .model import PostfuseModule, SubjectImageProcessor, encode_subjects
 from .presets import DEFAULT_PRESET, resolve
 from .previews import predict_clean_latents
-from .prompt import ParsedPrompt, parse_prompt
 from .schedulers import make_scheduler, scheduler_name
 
 logger = logging.get_logger(__name__)

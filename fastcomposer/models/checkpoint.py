@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .messages import UserFacingError, Wording, escape
+from ..messages import UserFacingError, Wording, escape
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cli import CLI_LIMITS, UserError, load_model, parse_alphas, sampling_plan, with_model_size
-from .config import SETTINGS
-from .generation import GenerationError, generate, recorded_margin
-from .images import ImageError, load_image
+from ..config import SETTINGS
+from ..generation.metadata import GenerationRecord, read_record, save_png
+from ..generation.run import GenerationError, generate, recorded_margin
+from ..inputs.images import ImageError, load_image
+from ..messages import message_for
 from .jobs import Job, read_jobs
-from .messages import message_for
-from .metadata import GenerationRecord, read_record, save_png
+from .main import CLI_LIMITS, UserError, load_model, parse_alphas, sampling_plan, with_model_size
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def run_batch(args: argparse.Namespace) -> int:
     """`python -m fastcomposer batch`: 0 when every job was made or skipped, 2 when some failed."""
     from accelerate.utils import broadcast_object_list
 
-    from .lora import parse_lora_spec
+    from ..models.lora import parse_lora_spec
 
     started = time.perf_counter()
     # 1. What every job shares, checked before anything is read
