@@ -28,6 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastcomposer.inputs import face_detectors as detectors  # noqa: E402
 from fastcomposer.inputs import faces  # noqa: E402
 
 # (photo, face region by eye, head-and-shoulders cut): the same regions tests/test_faces.py uses.
@@ -91,11 +92,11 @@ def main() -> None:
         counts = found.setdefault(label, {"first_pass": 0, "both_passes": 0, "photos": 0})
         counts["photos"] += 1
         for key, second in (("first_pass", False), ("both_passes", True)):
-            boxes = faces._detect_opencv(cascades, photo, second_pass=second)
+            boxes = detectors._detect_opencv(cascades, photo, second_pass=second)
             if boxes:
                 x0, y0, x1, y1 = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
                 counts[key] += x0 <= cx <= x1 and y0 <= cy <= y1
-    false_faces = {key: sum(bool(faces._detect_opencv(cascades, p, second_pass=second)) for p in empty)
+    false_faces = {key: sum(bool(detectors._detect_opencv(cascades, p, second_pass=second)) for p in empty)
                    for key, second in (("first_pass", False), ("both_passes", True))}
 
     def timed(photos: list[Image.Image]) -> dict[str, dict[str, float]]:
@@ -103,7 +104,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {"first_pass_only": [], "crop_with_second_pass": []}
         for photo in photos:
             start = time.perf_counter()
-            faces._detect_opencv(cascades, photo, second_pass=False)
+            detectors._detect_opencv(cascades, photo, second_pass=False)
             seconds["first_pass_only"].append(time.perf_counter() - start)
             start = time.perf_counter()
             try:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastcomposer.inputs import face_detectors as detectors
 from fastcomposer.inputs import faces
 from fastcomposer.inputs.faces import (
     FaceCrop,
@@ -35,7 +36,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def _isolated(monkeypatch, tmp_path):
     """No test may read a developer's real cache or pinned hash, or change the process-wide cropper."""
     monkeypatch.setenv("FASTCOMPOSER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(faces.SHA256_ENV, raising=False)
+    monkeypatch.delenv(detectors.SHA256_ENV, raising=False)
     monkeypatch.delenv(faces.DETECTOR_ENV, raising=False)
     monkeypatch.setattr(faces, "_default_cropper", None)
 
@@ -128,7 +129,7 @@ def test_detector_is_built_once_across_threads(caplog, tmp_path):
     cropper = FaceCropper(cache_dir=tmp_path, allow_download=False)
     image, results = load("astronaut.png"), []
     threads = [threading.Thread(target=lambda: results.append(cropper.crop(image).box)) for _ in range(4)]
-    with caplog.at_level(logging.WARNING, logger="fastcomposer.faces"):
+    with caplog.at_level(logging.WARNING, logger="fastcomposer.inputs.faces"):
         for t in threads:
             t.start()
         for t in threads:
@@ -167,7 +168,7 @@ def backgrounds() -> dict[str, Image.Image]:
 def test_a_small_face_in_a_large_photo_is_found(fallback, background, at):
     """A 95 px frontal face, off-centre in a 1600x1200 photo: the first pass alone misses it, the second finds it."""
     photo, face = small_person(backgrounds()[background], at)
-    assert faces._detect_opencv(fallback._model, photo, second_pass=False) == []  # what the detector did before
+    assert detectors._detect_opencv(fallback._model, photo, second_pass=False) == []  # what the detector did before
     crop = fallback.crop(photo, name="photo 1")
     assert crop.detector == "opencv"
     assert inside(face, crop.box), "the crop holds the pasted face"
@@ -248,27 +249,27 @@ def test_margin_below_one_is_refused():
 
 
 def test_weights_with_a_different_pinned_hash_are_refused(tmp_path, monkeypatch, caplog):
-    weights = tmp_path / faces.WEIGHTS_FILE
+    weights = tmp_path / detectors.WEIGHTS_FILE
     weights.write_bytes(b"not the RetinaFace weights")
-    monkeypatch.setenv(faces.SHA256_ENV, "ab" * 32)
+    monkeypatch.setenv(detectors.SHA256_ENV, "ab" * 32)
     with pytest.raises(FaceWeightsError, match="refusing") as info:
-        faces.fetch_weights(tmp_path, allow_download=False)
+        detectors.fetch_weights(tmp_path, allow_download=False)
     assert hashlib.sha256(b"not the RetinaFace weights").hexdigest() in str(info.value)
     assert "ab" * 32 in str(info.value) and weights.exists(), "a file we did not download is left alone"
-    with caplog.at_level(logging.WARNING, logger="fastcomposer.faces"):
+    with caplog.at_level(logging.WARNING, logger="fastcomposer.inputs.faces"):
         assert FaceCropper(cache_dir=tmp_path, allow_download=False).detector_name == "opencv"
     assert "refusing" in caplog.text
 
 
 def test_first_hash_is_recorded_and_a_changed_file_refused(tmp_path):
-    weights = tmp_path / faces.WEIGHTS_FILE
+    weights = tmp_path / detectors.WEIGHTS_FILE
     weights.write_bytes(b"first")
-    assert faces.fetch_weights(tmp_path, allow_download=False) == weights
-    record = tmp_path / f"{faces.WEIGHTS_FILE}.sha256"
+    assert detectors.fetch_weights(tmp_path, allow_download=False) == weights
+    record = tmp_path / f"{detectors.WEIGHTS_FILE}.sha256"
     assert record.read_text().split()[0] == hashlib.sha256(b"first").hexdigest()
     weights.write_bytes(b"second")
     with pytest.raises(FaceWeightsError, match="recorded at the first download"):
-        faces.fetch_weights(tmp_path, allow_download=False)
+        detectors.fetch_weights(tmp_path, allow_download=False)
 
 
 def test_offline_download_fails_fast_and_falls_back(tmp_path, monkeypatch, caplog):
@@ -279,11 +280,11 @@ def test_offline_download_fails_fast_and_falls_back(tmp_path, monkeypatch, caplo
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with caplog.at_level(logging.WARNING, logger="fastcomposer.faces"):
+    with caplog.at_level(logging.WARNING, logger="fastcomposer.inputs.faces"):
         cropper = FaceCropper(cache_dir=tmp_path)
         assert cropper.crop(load("astronaut.png")).detector == "opencv"
         cropper.crop(load("grace_hopper.jpg"))
-    assert calls == [(faces.WEIGHTS_URL, faces.DOWNLOAD_TIMEOUT_S)] and faces.DOWNLOAD_TIMEOUT_S <= 10
+    assert calls == [(detectors.WEIGHTS_URL, detectors.DOWNLOAD_TIMEOUT_S)] and detectors.DOWNLOAD_TIMEOUT_S <= 10
     assert caplog.text.count("unavailable") == 1 and "URLError" in caplog.text
     assert list(tmp_path.iterdir()) == [], "no partial file left behind"
 
@@ -291,14 +292,14 @@ def test_offline_download_fails_fast_and_falls_back(tmp_path, monkeypatch, caplo
 def test_downloaded_file_with_the_wrong_hash_is_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"tampered"))
     with pytest.raises(FaceWeightsError, match="refusing"):
-        faces.fetch_weights(tmp_path, sha256="cd" * 32)
+        detectors.fetch_weights(tmp_path, sha256="cd" * 32)
     assert list(tmp_path.iterdir()) == []
     good = hashlib.sha256(b"tampered").hexdigest()
-    assert faces.fetch_weights(tmp_path, sha256=good).read_bytes() == b"tampered"
+    assert detectors.fetch_weights(tmp_path, sha256=good).read_bytes() == b"tampered"
 
 
 def test_weights_are_never_unpickled():
-    source = Path(faces.__file__).read_text()
+    source = Path(detectors.__file__).read_text()
     calls = re.findall(r"torch\.load\([^)]*\)", source)
     assert "weights_only=False" not in source and calls and all("weights_only=True" in c for c in calls)
 
@@ -324,14 +325,14 @@ def random_weights(tmp_path_factory) -> tuple[Path, str]:
             head.conv1x1.weight.zero_()
             head.conv1x1.bias.zero_()
     folder = tmp_path_factory.mktemp("retinaface")
-    path = folder / faces.WEIGHTS_FILE
+    path = folder / detectors.WEIGHTS_FILE
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_retinaface_path_runs_end_to_end(random_weights, monkeypatch):
     path, digest = random_weights
-    monkeypatch.setenv(faces.SHA256_ENV, digest)
+    monkeypatch.setenv(detectors.SHA256_ENV, digest)
     cropper = FaceCropper(cache_dir=path.parent, allow_download=False)
     assert cropper.detector_name == "retinaface"
     # Small and square: fewer anchors for NMS, and the anchor-sized "face" still fits in the crop.
@@ -344,11 +345,11 @@ def test_retinaface_path_runs_end_to_end(random_weights, monkeypatch):
 
 def test_retinaface_without_faces_raises(random_weights, monkeypatch):
     path, digest = random_weights
-    model = faces.load_retinaface(faces.fetch_weights(path.parent, allow_download=False, sha256=digest))
+    model = detectors.load_retinaface(detectors.fetch_weights(path.parent, allow_download=False, sha256=digest))
     with torch.no_grad():
         for head in model.ClassHead:
             head.conv1x1.bias.view(-1, 2).copy_(torch.tensor([8.0, -8.0]))
-    assert faces._detect_retinaface(model, load("astronaut.png").resize((128, 128))) == []
+    assert detectors._detect_retinaface(model, load("astronaut.png").resize((128, 128))) == []
 
 
 def test_an_opencv_without_cascades_gives_a_clear_error(monkeypatch):
@@ -358,9 +359,9 @@ def test_an_opencv_without_cascades_gives_a_clear_error(monkeypatch):
     fake_cv2 = types.SimpleNamespace(__version__="5.0.0")
     monkeypatch.setitem(__import__("sys").modules, "cv2", fake_cv2)
     cropper = FaceCropper(allow_download=False)
-    with pytest.raises(faces.FaceDetectorUnavailableError, match="opencv-python<5"):
+    with pytest.raises(detectors.FaceDetectorUnavailableError, match="opencv-python<5"):
         cropper.crop(Image.new("RGB", (200, 200)), name="photo 1")
-    assert isinstance(faces.FaceDetectorUnavailableError("x"), ValueError)  # callers report it like bad input
+    assert isinstance(detectors.FaceDetectorUnavailableError("x"), ValueError)  # callers report it like bad input
 
 
 # --- detect(): every face, with RetinaFace's scores and landmarks ---------------------------------------
@@ -376,25 +377,25 @@ def test_detect_with_opencv_lists_the_faces_crop_chooses_from(fallback):
 
 def test_detect_with_retinaface_gives_scores_and_five_landmarks(random_weights, monkeypatch):
     path, digest = random_weights
-    monkeypatch.setenv(faces.SHA256_ENV, digest)
+    monkeypatch.setenv(detectors.SHA256_ENV, digest)
     cropper = FaceCropper(cache_dir=path.parent, allow_download=False)
     image = load("astronaut.png").resize((160, 160))
     found = cropper.detect(image)
-    assert found and [f.box for f in found] == faces._detect_retinaface(cropper._model, image)
+    assert found and [f.box for f in found] == detectors._detect_retinaface(cropper._model, image)
     for face in found:
-        assert face.score >= faces.RETINAFACE_THRESHOLD and len(face.landmarks) == 5
+        assert face.score >= detectors.RETINAFACE_THRESHOLD and len(face.landmarks) == 5
         assert all(isinstance(v, float) for point in face.landmarks for v in point)
 
 
 def test_retinaface_landmarks_are_mapped_back_to_the_photo(random_weights, monkeypatch):
     path, digest = random_weights
-    model = faces.load_retinaface(faces.fetch_weights(path.parent, allow_download=False, sha256=digest))
+    model = detectors.load_retinaface(detectors.fetch_weights(path.parent, allow_download=False, sha256=digest))
     with torch.no_grad():
         for head in model.LandmarkHead:  # no regression: all 5 points sit at the anchor's centre
             head.conv1x1.weight.zero_()
             head.conv1x1.bias.zero_()
-    monkeypatch.setattr(faces, "RETINAFACE_MAX_SIDE", 80)  # a 160 px photo is detected at half size
-    found = faces._retinaface_faces(model, load("astronaut.png").resize((160, 160)))
+    monkeypatch.setattr(detectors, "RETINAFACE_MAX_SIDE", 80)  # a 160 px photo is detected at half size
+    found = detectors._retinaface_faces(model, load("astronaut.png").resize((160, 160)))
     assert found
     for face in found:
         x0, y0, x1, y1 = face.box

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastcomposer.commands.main import CLI_LIMITS
+from fastcomposer.commands.options import CLI_LIMITS
 from fastcomposer.identity import checker as identity
 from fastcomposer.identity.checker import (
     ArcFaceWeightsError,

@@ -336,7 +336,7 @@ def test_messages_never_contain_paths_and_logs_stay_quiet(tmp_path, caplog):
     bad["truncated"].write_bytes(data[: len(data) // 2])
     Image.new("RGB", (100, 100)).save(bad["tiff"], format="TIFF")
     Image.new("RGB", (10, 10)).save(bad["tiny"])
-    caplog.set_level(logging.DEBUG, logger="fastcomposer.images")
+    caplog.set_level(logging.DEBUG, logger="fastcomposer.inputs.images")
     for kind, path in bad.items():
         with pytest.raises(ImageError) as err:
             load_image(path, name="photo 4")

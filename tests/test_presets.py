@@ -87,16 +87,16 @@ def test_load_pipeline_preset_sets_the_sampler_and_the_default():
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_on_the_cpu_follows_native_bf16(monkeypatch, native, expected):
-    from fastcomposer.pipeline import loading as loader
+    from fastcomposer.pipeline import devices
 
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
-    assert loader.pick_dtype("auto", torch.device("cpu")) == expected
-    assert loader.pick_dtype("fp32", torch.device("cpu")) == torch.float32  # one flag away, always
-    assert loader.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    assert devices.pick_dtype("auto", torch.device("cpu")) == expected
+    assert devices.pick_dtype("fp32", torch.device("cpu")) == torch.float32  # one flag away, always
+    assert devices.pick_dtype("auto", torch.device("cuda")) == torch.float16
 
 
 def test_native_bf16_probe_reads_the_cpu_flags(monkeypatch, tmp_path):
-    from fastcomposer.pipeline import loading as loader
+    from fastcomposer.pipeline import devices
 
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
@@ -108,6 +108,6 @@ def test_native_bf16_probe_reads_the_cpu_flags(monkeypatch, tmp_path):
         return lambda name, *a, **k: real_open(path if name == "/proc/cpuinfo" else name, *a, **k)
 
     monkeypatch.setattr("builtins.open", fake_cpuinfo("fpu sse avx2 avx512f"))
-    assert loader.cpu_has_native_bf16() is False
+    assert devices.cpu_has_native_bf16() is False
     monkeypatch.setattr("builtins.open", fake_cpuinfo("fpu avx512f avx512_bf16"))
-    assert loader.cpu_has_native_bf16() is True
+    assert devices.cpu_has_native_bf16() is True

@@ -31,7 +31,16 @@ from ..generation.run import GenerationError, generate, recorded_margin
 from ..inputs.images import ImageError, load_image
 from ..messages import message_for
 from .jobs import Job, read_jobs
-from .main import CLI_LIMITS, UserError, load_model, parse_alphas, sampling_plan, with_model_size
+from .options import (
+    CLI_LIMITS,
+    UserError,
+    add_generation_args,
+    add_model_args,
+    load_model,
+    parse_alphas,
+    sampling_plan,
+    with_model_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +230,20 @@ def process_device(device: str, state) -> str:
 # 4. The command
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def add_parser(sub) -> None:
+    b = sub.add_parser("batch", help="run many jobs from a JSON Lines file (resumable; splits across GPUs under "
+                       "accelerate launch)")
+    b.add_argument("jobs", metavar="JOBS.jsonl",
+                   help='one JSON object per line: {"prompt": ..., "images": [...]} and optional "id", "seed", '
+                   '"steps", ... (see README, "Batch jobs")')
+    b.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for DIR/<id>.png (<id>_<k>.png for several images) and DIR/summary.json")
+    add_generation_args(b, sweeps=False)
+    add_model_args(b)
+
+
+
+def run(args: argparse.Namespace) -> int:
     """`python -m fastcomposer batch`: 0 when every job was made or skipped, 2 when some failed."""
     from accelerate.utils import broadcast_object_list
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..generation.run import GenerationRequest, validate
 from ..inputs.images import ImageError, load_image
-from .main import CLI_LIMITS, UserError, output_paths, request_from_args
+from .options import CLI_LIMITS, UserError, output_paths, request_from_args
 
 # A job's optional keys -> (the generate flag's attribute they replace, the JSON type they take).
 SETTING_KEYS: dict[str, tuple[str, str]] = {

@@ -253,48 +253,18 @@ def evaluate(
     Raises:
         `EvaluationError` with a message that says what to fix.
     """
-    from ..generation.metadata import save_png
-    from ..generation.run import GenerationError, GenerationRequest, generate, prepare_subjects, validate
-    from ..inputs.prompt import load_tokenizer, strip_markers
-    from .report import to_markdown, write_contact_sheet
-
     # 1. Everything that needs no model: the output folder, the cases, the settings
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EvaluationError(f"{out} exists and is not empty; choose a new folder")
     cases = load_cases(cases_dir)
-    tokenizer = load_tokenizer()
-
-    def request(case: Case, prompt: str, alpha: float, seed: int) -> GenerationRequest:
-        return GenerationRequest(
-            prompt=prompt, images=[list(photos) for photos in case.photos], negative_prompt=settings.negative_prompt,
-            alpha=alpha, guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
-            num_images=settings.num_images, height=settings.height, width=settings.width, seed=seed,
-            scheduler=settings.scheduler, face_crop=settings.face_crop,
-        )
-
-    try:
-        for case in cases:
-            for prompt in case.prompts:
-                for alpha in settings.alphas:
-                    for seed in settings.seeds:
-                        validate(request(case, prompt, alpha, seed), tokenizer, limits)
-    except GenerationError as e:
-        raise EvaluationError(f"case {case.name!r}: {e}") from None
+    check_requests(cases, settings, limits)
 
     # 2. The scorers, and each subject's reference face
     checker = checker or default_checker()
     if reason := checker.unavailable_reason():
         raise EvaluationError(f"identity scoring needs ArcFace: {reason}")
-    references: dict[str, list[np.ndarray]] = {}
-    for case in cases:
-        references[case.name] = []
-        for k, photos in enumerate(case.photos, 1):
-            ref = checker.reference_embedding(photos)
-            if ref is None:
-                raise EvaluationError(f"case {case.name!r}: no face found in subject {k}'s photo(s); use photos where "
-                                      "the face is visible and front-facing")
-            references[case.name].append(ref)
+    references = {case.name: reference_faces(checker, case) for case in cases}
     scorer = prompt_scorer or load_prompt_scorer(settings.clip_model, device)
 
     # 3. Generate and score
@@ -303,34 +273,93 @@ def evaluate(
     entries: list[dict] = []
     tiles: list[tuple[Path, str]] = []
     for case in cases:
-        try:
-            subjects = prepare_subjects([list(photos) for photos in case.photos], settings.face_crop)
-        except ValueError as e:
-            raise EvaluationError(f"case {case.name!r}: {e}") from None
-        folder = out / "images" / case.name
-        folder.mkdir(parents=True, exist_ok=True)
-        refs = np.stack(references[case.name])
-        for p, prompt in enumerate(case.prompts):
-            text = strip_markers(prompt)
-            for alpha in settings.alphas:
-                for seed in settings.seeds:
-                    logger.info("case %s: prompt %d/%d, alpha %g, seed %d", case.name, p + 1, len(case.prompts),
-                                alpha, seed)
-                    try:
-                        result = generate(pipe, request(case, prompt, alpha, seed), subjects=subjects, limits=limits)
-                    except GenerationError as e:
-                        raise EvaluationError(f"case {case.name!r}, prompt {p + 1}: {e}") from None
-                    for k, (image, record) in enumerate(zip(result.images, result.records)):
-                        path = save_png(image, folder / f"p{p:02d}_alpha{alpha:.2f}_seed{seed}_{k}.png", record)
-                        entry = dict(case=case.name, prompt_index=p, prompt=prompt, alpha=alpha, seed=seed, index=k,
-                                     file=path.relative_to(out).as_posix(), hidden=bool(result.nsfw[k]),
-                                     identity=None, subjects=None, num_faces=None, prompt_consistency=None)
-                        if not entry["hidden"]:
-                            entry.update(identity_score(checker, image, refs), prompt_consistency=scorer(image, text))
-                        entries.append(entry)
-                        tiles.append((path, _tile_label(entry)))
+        run_case(pipe, case, settings, limits, out, np.stack(references[case.name]), checker, scorer, entries, tiles)
 
     # 4. The report
+    return write_report(out, settings, pipe, checker, cases, entries, tiles)
+
+
+def case_request(case: Case, prompt: str, alpha: float, seed: int, settings: EvaluationSettings):
+    """The generation request for one case, prompt, alpha and seed."""
+    from ..generation.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=prompt, images=[list(photos) for photos in case.photos], negative_prompt=settings.negative_prompt,
+        alpha=alpha, guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
+        num_images=settings.num_images, height=settings.height, width=settings.width, seed=seed,
+        scheduler=settings.scheduler, face_crop=settings.face_crop,
+    )
+
+
+def check_requests(cases: list[Case], settings: EvaluationSettings, limits: Limits) -> None:
+    """Every request the run will make, validated before the model loads."""
+    from ..generation.request import GenerationError, validate
+    from ..inputs.prompt import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    for case in cases:
+        try:
+            for prompt in case.prompts:
+                for alpha in settings.alphas:
+                    for seed in settings.seeds:
+                        validate(case_request(case, prompt, alpha, seed, settings), tokenizer, limits)
+        except GenerationError as e:
+            raise EvaluationError(f"case {case.name!r}: {e}") from None
+
+
+def reference_faces(checker: IdentityChecker, case: Case) -> list[np.ndarray]:
+    """Each subject's reference embedding; a subject whose photos show no face is an error."""
+    references = []
+    for k, photos in enumerate(case.photos, 1):
+        ref = checker.reference_embedding(photos)
+        if ref is None:
+            raise EvaluationError(f"case {case.name!r}: no face found in subject {k}'s photo(s); use photos where "
+                                  "the face is visible and front-facing")
+        references.append(ref)
+    return references
+
+
+def run_case(pipe, case: Case, settings: EvaluationSettings, limits: Limits, out: Path, refs: np.ndarray,
+             checker: IdentityChecker, scorer, entries: list[dict], tiles: list[tuple[Path, str]]) -> None:
+    """Generate and score every prompt, alpha and seed of one case; append to `entries` and `tiles`."""
+    from ..generation.metadata import save_png
+    from ..generation.request import GenerationError
+    from ..generation.run import generate, prepare_subjects
+    from ..inputs.prompt import strip_markers
+
+    try:
+        subjects = prepare_subjects([list(photos) for photos in case.photos], settings.face_crop)
+    except ValueError as e:
+        raise EvaluationError(f"case {case.name!r}: {e}") from None
+    folder = out / "images" / case.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, prompt in enumerate(case.prompts):
+        text = strip_markers(prompt)
+        for alpha in settings.alphas:
+            for seed in settings.seeds:
+                logger.info("case %s: prompt %d/%d, alpha %g, seed %d", case.name, p + 1, len(case.prompts),
+                            alpha, seed)
+                request = case_request(case, prompt, alpha, seed, settings)
+                try:
+                    result = generate(pipe, request, subjects=subjects, limits=limits)
+                except GenerationError as e:
+                    raise EvaluationError(f"case {case.name!r}, prompt {p + 1}: {e}") from None
+                for k, (image, record) in enumerate(zip(result.images, result.records)):
+                    path = save_png(image, folder / f"p{p:02d}_alpha{alpha:.2f}_seed{seed}_{k}.png", record)
+                    entry = dict(case=case.name, prompt_index=p, prompt=prompt, alpha=alpha, seed=seed, index=k,
+                                 file=path.relative_to(out).as_posix(), hidden=bool(result.nsfw[k]),
+                                 identity=None, subjects=None, num_faces=None, prompt_consistency=None)
+                    if not entry["hidden"]:
+                        entry.update(identity_score(checker, image, refs), prompt_consistency=scorer(image, text))
+                    entries.append(entry)
+                    tiles.append((path, _tile_label(entry)))
+
+
+def write_report(out: Path, settings: EvaluationSettings, pipe, checker: IdentityChecker, cases: list[Case],
+                 entries: list[dict], tiles: list[tuple[Path, str]]) -> EvaluationResult:
+    """report.json, report.md and contact_sheet.png in `out`."""
+    from .report import to_markdown, write_contact_sheet
+
     report = dict(
         settings={**asdict(settings), "model": getattr(pipe, "weights_label", ""), "version": VERSION,
                   "identity_model": "facexlib ArcFace IR-SE50", "face_detector": checker.cropper.detector_name},

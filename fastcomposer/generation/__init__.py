@@ -15,7 +15,8 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "run": ["GenerationError", "GenerationRequest", "GenerationResult", "generate", "prepare_subjects", "validate"],
+        "request": ["GenerationError", "GenerationRequest", "GenerationResult", "validate"],
+        "run": ["generate", "prepare_subjects"],
         "streaming": ["stream_generation", "stream_sweep"],
         "sweep": ["alpha_sweep"],
         "metadata": ["GenerationRecord", "read_record", "save_png"],

@@ -15,177 +15,27 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import PIL.Image
 import torch
 
 from ..config import SETTINGS, VERSION, Limits
-from ..inputs.faces import DEFAULT_MARGIN, MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
-from ..inputs.prompt import ParsedPrompt, parse_prompt, subject_words
-from ..messages import PhotoRef, UserFacingError, Wording
+from ..inputs.faces import DEFAULT_MARGIN
+from ..inputs.prompt import subject_words
+from ..messages import PhotoRef, UserFacingError
 from ..pipeline.attention import overlay
 from ..pipeline.previews import latents_to_rgb
-from ..pipeline.schedulers import SCHEDULERS, max_steps
 from .metadata import GenerationRecord, with_metadata
+from .request import (  # noqa: F401  (re-exported: `fastcomposer.generation.run.GenerationRequest` and co.)
+    OUT_OF_MEMORY,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
-
-OOM_MESSAGE = "out of memory: try fewer images, fewer steps or a smaller size"  # the page's wording of OUT_OF_MEMORY
-OUT_OF_MEMORY = Wording(
-    page=OOM_MESSAGE,
-    cli="out of memory: try fewer --num-images, fewer --steps or a smaller --width/--height",
-    api="out of memory: try a smaller `num_images`, `num_inference_steps` or `height`/`width`",
-)
-# The subject count: the page's photo slots, the command line's --image flags, Python's `images` list.
-TOO_FEW_PHOTOS = Wording(
-    page="add at least one subject photo",
-    cli="give at least one subject photo with --image",
-    api="`images` is empty; pass at least one subject photo",
-)
-TOO_MANY_PHOTOS = Wording(
-    page="{n} photos were given; at most {limit} subjects are supported",
-    cli="{n} --image photos were given; at most {limit} subjects are supported",
-    api="`images` holds {n} photos; at most {limit} subjects are supported",
-)
-COUNT_MISMATCH = Wording(
-    page="{markers} subject(s) in the prompt but {n} photo(s): {fix} (write `img` after each subject word, one per "
-    "photo, in photo order)",
-    cli="{markers} subject(s) in the prompt but {n} photo(s): {fix} (write `img` after each subject word, one per "
-    "--image, in the same order)",
-    api="{markers} subject(s) in the prompt but {n} photo(s) in `images`: {fix} (write `img` after each subject "
-    "word, one per photo, in the same order)",
-)
-ADD_A_PHOTO = Wording("add a photo or remove an `img`", "add an --image or remove an `img`",
-                      "add a photo to `images` or remove an `img`")
-REMOVE_A_PHOTO = Wording("remove a photo or add `img` after a subject word",
-                         "drop an --image or add `img` after a subject word",
-                         "remove a photo from `images` or add `img` after a subject word")
-
-
-class GenerationError(UserFacingError, ValueError):
-    """A request that cannot run as given; `message_for(audience)` words it for the page, CLI or Python."""
-
-
-@dataclass
-class GenerationRequest:
-    """What the user asked for. `seed=-1` means a random seed; `negative_prompt=None` means our default."""
-
-    prompt: str
-    # Per `img` marker, in marker order: one safely loaded RGB photo, or a list of 1-4 photos of that subject.
-    images: Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]]
-    negative_prompt: str | None = None
-    alpha: float = SETTINGS.defaults.alpha
-    guidance_scale: float = SETTINGS.defaults.guidance_scale
-    num_inference_steps: int = SETTINGS.defaults.num_inference_steps
-    num_images: int = SETTINGS.defaults.num_images
-    height: int = SETTINGS.defaults.height
-    width: int = SETTINGS.defaults.width
-    seed: int = -1
-    scheduler: str = SETTINGS.defaults.scheduler
-    face_crop: bool = True
-    crop_margin: float | None = None  # face crop side over face width (faces.py); None: faces.DEFAULT_MARGIN
-    cache_interval: int = 1  # DeepCache: 1 = every UNet pass is full (see caching.py)
-    preset: str | None = None  # the preset the settings came from, recorded in the PNG (informational)
-    attention_maps: bool = False  # also return each image with its per-subject attention overlay
-    identity_check: bool = False  # score each image's faces against the subjects (see identity.py)
-
-
-@dataclass
-class GenerationResult:
-    images: list[PIL.Image.Image]  # with settings in `info` (written as PNG text chunks on save)
-    records: list[GenerationRecord]
-    seed: int
-    nsfw: list[bool] = field(default_factory=list)  # per image: hidden by the safety checker
-    subjects: list[list[PIL.Image.Image]] = field(default_factory=list)  # per subject, what the encoder saw
-    interrupted: bool = False
-    attention: list[PIL.Image.Image] = field(default_factory=list)  # per image, the overlay (when asked)
-    steps_done: int = 0  # loop iterations that ran (all of them unless interrupted)
-    total_steps: int = 0  # loop iterations planned
-    identity: list = field(default_factory=list)  # per image, an `identity.IdentityReport` when it was asked for
-
-    @property
-    def num_hidden(self) -> int:
-        return sum(self.nsfw)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-
-
-def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.limits) -> ParsedPrompt:
-    """Check every field against `limits` and the subject count; return the parsed prompt.
-
-    Server-side on purpose: Gradio checks slider ranges but not integer steps or text lengths, and API
-    clients can send anything.
-    """
-    r = request
-
-    def need(ok: bool, template: str | Wording, **facts: object) -> None:
-        """Raise unless `ok`. `template` is a messages.py template: values go in `facts`, never into the string."""
-        if not ok:
-            raise GenerationError(Wording.same(template) if isinstance(template, str) else template, **facts)
-
-    need(isinstance(r.prompt, str) and r.prompt.strip() != "",
-         "{prompt} is empty; describe the scene, with `img` after each subject word")
-    need(len(r.prompt) <= limits.max_prompt_chars,
-         "{prompt} is {n} characters; the limit is {limit}", n=len(r.prompt), limit=limits.max_prompt_chars)
-    need(r.negative_prompt is None or isinstance(r.negative_prompt, str), "{negative_prompt} must be text")
-    need(r.negative_prompt is None or len(r.negative_prompt) <= limits.max_prompt_chars,
-         "{negative_prompt} is too long; the limit is {limit} characters", limit=limits.max_prompt_chars)
-    need(_is_int(r.num_inference_steps) and limits.min_steps <= r.num_inference_steps <= limits.max_steps,
-         "{num_inference_steps} must be a whole number from {lo} to {hi}, got {value}",
-         lo=limits.min_steps, hi=limits.max_steps, value=r.num_inference_steps)
-    need(_is_int(r.num_images) and 1 <= r.num_images <= limits.max_images_per_run,
-         "{num_images} must be a whole number from 1 to {hi}, got {value}",
-         hi=limits.max_images_per_run, value=r.num_images)
-    need(isinstance(r.alpha, (int, float)) and 0.0 <= r.alpha <= 1.0, "{alpha} must be between 0 and 1, got {value}",
-         value=r.alpha)
-    need(isinstance(r.guidance_scale, (int, float)) and limits.min_guidance <= r.guidance_scale <= limits.max_guidance,
-         "{guidance_scale} must be between {lo} and {hi}, got {value}",
-         lo=limits.min_guidance, hi=limits.max_guidance, value=r.guidance_scale)
-    need(_is_int(r.seed) and (r.seed == -1 or 0 <= r.seed <= limits.max_seed),
-         "{seed} must be -1 (random) or a whole number from 0 to {hi}, got {value}", hi=limits.max_seed, value=r.seed)
-    need(r.scheduler in SCHEDULERS, "unknown {scheduler} {value!r}; choose one of {choices}",
-         value=r.scheduler, choices=", ".join(SCHEDULERS))
-    need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,
-         "{cache_interval} must be a whole number from 1 (off) to {hi}, got {value}",
-         hi=limits.max_cache_interval, value=r.cache_interval)
-    need(r.crop_margin is None or (isinstance(r.crop_margin, (int, float)) and not isinstance(r.crop_margin, bool)
-                                   and MARGIN_TIGHT_FACE <= r.crop_margin <= MARGIN_HEAD_AND_SHOULDERS),
-         "{crop_margin} must be from {lo} (a tight face) to {hi} (head and shoulders), got {value}",
-         lo=MARGIN_TIGHT_FACE, hi=MARGIN_HEAD_AND_SHOULDERS, value=r.crop_margin)
-    need(max_steps(r.scheduler) is None or r.num_inference_steps <= max_steps(r.scheduler),
-         "the {name} sampler takes at most {hi} steps (it is made for 2-8); lower {num_inference_steps}",
-         name=r.scheduler, hi=max_steps(r.scheduler))
-    for side_name, side in (("height", r.height), ("width", r.width)):
-        need(_is_int(side) and limits.min_side <= side <= limits.max_side and int(side) % limits.size_multiple == 0,
-             f"{{{side_name}}} must be a multiple of {{multiple}} from {{lo}} to {{hi}}, got {{value}}",
-             multiple=limits.size_multiple, lo=limits.min_side, hi=limits.max_side, value=side)
-    units = r.num_images * r.num_inference_steps * (r.height * r.width) / (512 * 512)
-    need(units <= limits.max_compute_units,
-         "this request is too large ({n} images x {steps} steps at {width_px}x{height_px}); use fewer "
-         "{num_images}, fewer {num_inference_steps} or a smaller size (limit: {limit} image-steps at 512x512)",
-         n=r.num_images, steps=r.num_inference_steps, width_px=r.width, height_px=r.height,
-         limit=f"{limits.max_compute_units:g}")
-
-    try:
-        parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
-    except ValueError as e:
-        raise GenerationError(str(e)) from None
-    n_images = len(r.images)
-    for k, item in enumerate(r.images):
-        count = 1 if item is None or isinstance(item, PIL.Image.Image) else len(item)
-        need(1 <= count <= limits.max_photos_per_subject,
-             "subject {k} has {n} photos; give 1 to {limit} photos per subject",
-             k=k + 1, n=count, limit=limits.max_photos_per_subject)
-    need(n_images >= 1, TOO_FEW_PHOTOS)
-    need(n_images <= limits.max_subjects, TOO_MANY_PHOTOS, n=n_images, limit=limits.max_subjects)
-    if parsed.num_subjects != n_images:
-        fix = ADD_A_PHOTO if parsed.num_subjects > n_images else REMOVE_A_PHOTO
-        raise GenerationError(COUNT_MISMATCH, markers=parsed.num_subjects, n=n_images, fix=fix)
-    return parsed
-
 
 def photo_groups(images: Sequence) -> list[list[PIL.Image.Image]]:
     """Per subject, its list of photos (a plain image is one photo)."""
@@ -259,6 +109,32 @@ def generate(
     validate(request, pipe.tokenizer, limits)
 
     # 2. The encoder's inputs, per subject
+    subjects = encoder_inputs(request, subjects, crop_fn)
+
+    # 3. Seed: a CPU generator, so a seed means the same image on any device
+    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
+    if stop is not None and stop.is_set():  # stopped while photos were prepared: run nothing
+        return GenerationResult([], [], seed, interrupted=True)
+
+    # 4. Run, reporting progress (and previews) and honouring Stop between iterations
+    reporter = StepReporter(on_step, on_preview, stop)
+    out = run_pipeline(pipe, request, subjects, seed, reporter)
+
+    # 5. Attach the settings to every image (and the identity check's report, when asked)
+    records = image_records(pipe, request, seed, subjects, len(out.images))
+    identity = check_identity(request, out, subjects, records)
+    images = [with_metadata(image, record) for image, record in zip(out.images, records)]
+    nsfw = list(out.nsfw_content_detected or [False] * len(images))
+    result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted, identity=identity,
+                              steps_done=reporter.done, total_steps=reporter.total)
+
+    # 6. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
+    result.attention = attention_overlays(request, out, images, nsfw)
+    return result
+
+
+def encoder_inputs(request: GenerationRequest, subjects: Sequence | None, crop_fn: Callable | None) -> list[list]:
+    """Per subject, the images the encoder sees: `subjects` as given, else the request's photos cropped."""
     if subjects is None:
         try:
             subjects = prepare_subjects(request.images, request.face_crop, crop_fn, margin=request.crop_margin)
@@ -266,32 +142,39 @@ def generate(
             raise GenerationError(e.wording, e.photo, **e.facts) from None
         except ValueError as e:  # from a custom crop_fn
             raise GenerationError(str(e)) from None
-    subjects = photo_groups(subjects)
+    return photo_groups(subjects)
 
-    # 3. Seed: a CPU generator, so a seed means the same image on any device
-    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    negative = SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
 
-    # 4. Run, reporting progress (and previews) and honouring Stop between iterations
-    progress = {"done": 0, "total": 0}
+class StepReporter:
+    """The pipeline's step callback: counts iterations, reports them (and previews), and passes on Stop."""
 
-    def step_end(p, i: int, t, tensors: dict) -> dict:
-        progress.update(done=i + 1, total=p._num_timesteps)
-        if on_step is not None:
-            on_step(i + 1, p._num_timesteps)
+    def __init__(self, on_step: Callable | None, on_preview: Callable | None, stop: threading.Event | None):
+        self.on_step, self.on_preview, self.stop = on_step, on_preview, stop
+        self.done = 0  # iterations finished
+        self.total = 0  # iterations planned
+
+    def __call__(self, pipe, i: int, t, tensors: dict) -> dict:
+        self.done, self.total = i + 1, pipe._num_timesteps
+        if self.on_step is not None:
+            self.on_step(self.done, self.total)
         denoised = tensors.get("denoised")
-        if on_preview is not None and denoised is not None and (i + 1) % PREVIEW_EVERY == 0 \
-                and i + 1 < p._num_timesteps:
-            on_preview(i + 1, p._num_timesteps, latents_to_rgb(denoised))
-        if stop is not None and stop.is_set():
-            p.request_stop()
+        if self.on_preview is not None and denoised is not None and self.done % PREVIEW_EVERY == 0 \
+                and self.done < self.total:
+            self.on_preview(self.done, self.total, latents_to_rgb(denoised))
+        if self.stop is not None and self.stop.is_set():
+            pipe.request_stop()
         return tensors
 
-    if stop is not None and stop.is_set():  # stopped while photos were prepared: run nothing
-        return GenerationResult([], [], seed, interrupted=True)
+
+def negative_prompt_of(request: GenerationRequest) -> str:
+    """The negative prompt a run uses: the request's, or ours when it gave none."""
+    return SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
+
+
+def run_pipeline(pipe, request: GenerationRequest, subjects: list[list], seed: int, reporter: StepReporter):
+    """One pipeline call for `request`; out of memory becomes a `GenerationError` after freeing what it can."""
     pipe.use_scheduler(request.scheduler)
-    extra = {"callback_on_step_end_tensor_inputs": ["latents", "denoised"]} if on_preview is not None else {}
+    extra = {"callback_on_step_end_tensor_inputs": ["latents", "denoised"]} if reporter.on_preview else {}
     extra["cache_interval"] = int(request.cache_interval)  # explicit: a pipeline's own preset must not add caching
     if request.attention_maps:
         extra["return_attention"] = True
@@ -299,15 +182,15 @@ def generate(
         out = pipe(
             request.prompt,
             subjects,
-            negative_prompt=negative,
+            negative_prompt=negative_prompt_of(request),
             height=int(request.height),
             width=int(request.width),
             num_inference_steps=int(request.num_inference_steps),
             guidance_scale=float(request.guidance_scale),
             alpha=float(request.alpha),
             num_images_per_prompt=int(request.num_images),
-            generator=generator,
-            callback_on_step_end=step_end,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            callback_on_step_end=reporter,
             **extra,
         )
     except torch.OutOfMemoryError:
@@ -315,10 +198,13 @@ def generate(
     if out is None:
         free_memory()
         raise GenerationError(OUT_OF_MEMORY)
+    return out
 
-    # 5. Attach the settings to every image
+
+def image_records(pipe, request: GenerationRequest, seed: int, subjects: list[list], count: int) -> list:
+    """One `GenerationRecord` per image: every setting that made it, for its PNG."""
     base = GenerationRecord(
-        prompt=request.prompt, negative_prompt=negative, seed=seed, alpha=float(request.alpha),
+        prompt=request.prompt, negative_prompt=negative_prompt_of(request), seed=seed, alpha=float(request.alpha),
         guidance_scale=float(request.guidance_scale), num_inference_steps=int(request.num_inference_steps),
         scheduler=request.scheduler, height=int(request.height), width=int(request.width),
         num_images=int(request.num_images), face_crop=bool(request.face_crop), crop_margin=recorded_margin(request),
@@ -327,22 +213,19 @@ def generate(
         photos_per_subject=[len(group) for group in subjects],
         loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
     )
-    records = [replace(base, image_index=k) for k in range(len(out.images))]
-    identity = check_identity(request, out, subjects, records)
-    images = [with_metadata(image, record) for image, record in zip(out.images, records)]
-    nsfw = list(out.nsfw_content_detected or [False] * len(images))
-    result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted, identity=identity,
-                              steps_done=progress["done"], total_steps=progress["total"])
+    return [replace(base, image_index=k) for k in range(count)]
 
-    # 6. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
+
+def attention_overlays(request: GenerationRequest, out, images: list, nsfw: list[bool]) -> list[PIL.Image.Image]:
+    """Per image, its subjects' attention overlay (a hidden image keeps its placeholder); [] without capture."""
     attention = getattr(out, "attention", None)
-    if attention is not None and images:
-        words = subject_words(request.prompt)
-        result.attention = [
-            placeholder if hidden else overlay(image, attention.maps[k], words)
-            for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
-        ]
-    return result
+    if attention is None or not images:
+        return []
+    words = subject_words(request.prompt)
+    return [
+        placeholder if hidden else overlay(image, attention.maps[k], words)
+        for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
+    ]
 
 
 def recorded_margin(request: GenerationRequest) -> float | None:

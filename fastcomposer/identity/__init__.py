@@ -14,6 +14,8 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "checker": ["IdentityChecker", "IdentityReport", "SubjectIdentity", "default_checker", "match_faces", "subject_names"],
+        "checker": ["IdentityChecker", "default_checker"],
+        "report": ["IdentityReport", "SubjectIdentity"],
+        "matching": ["match_faces", "subject_names"],
     },
 )

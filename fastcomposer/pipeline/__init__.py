@@ -1,6 +1,8 @@
 """The pipeline and what plugs into its denoising loop.
 
 - `pipeline_fastcomposer`: `FastComposerPipeline`, Stable Diffusion 1.5 with delayed subject conditioning;
+- `checks`, `output`: the call's argument checks and its output;
+- `denoising`: the loop's plan (delayed conditioning) and its add-ons, attached for one call;
 - `subjects`: the subject photos through the image encoder (cached) and into the prompt;
 - `mmagic`: OpenMMLab mmagic's `infer` and `special_tokenizer`, for code written against it;
 - `schedulers`, `presets`: samplers, and named bundles of sampler, steps and caching;
@@ -17,7 +19,9 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "pipeline_fastcomposer": ["FastComposerPipeline", "FastComposerPipelineOutput", "SubjectImages", "placeholder_image", "subject_groups"],
+        "pipeline_fastcomposer": ["FastComposerPipeline"],
+        "output": ["FastComposerPipelineOutput", "placeholder_image"],
+        "subjects": ["SubjectImages", "subject_groups"],
         "loading": ["load_pipeline"],
     },
 )

@@ -15,7 +15,7 @@ from transformers import CLIPImageProcessor
 
 from .. import config
 from ..inputs.prompt import load_tokenizer
-from ..messages import SETTING_NAMES, UserFacingError, Wording
+from ..messages import Wording
 from ..models.architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
 from ..models.checkpoint import load_into_modules, read_state_dict
 from ..models.lora import LoraSpec, apply_loras, lora_file, parse_lora_spec
@@ -29,26 +29,22 @@ from ..models.weights import (
     resolve_weights,
     write_provenance,
 )
+from .devices import (  # noqa: F401  (re-exported: `loading.pick_device` and co. are used from here)
+    DTYPES,
+    SetupError,
+    cast,
+    compile_unet,
+    needs_offload,
+    pick_device,
+    pick_dtype,
+    use_memory_format,
+)
 from .pipeline_fastcomposer import FastComposerPipeline
 from .presets import get_preset
 from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class SetupError(UserFacingError, ValueError):
-    """A device or dtype that cannot be used here; named by flag on the command line and the page (where they are
-    the app's start-up flags), by argument in Python."""
-
-
-NO_DEVICE = Wording(
-    page="--device {value} was asked for but {missing} is not available; use --device cpu",
-    cli="--device {value} was asked for but {missing} is not available; use --device cpu",
-    api="`device='{value}'` was asked for but {missing} is not available; use `device='cpu'`",
-)
-UNKNOWN_CHOICE = Wording.same("unknown {setting} {value!r}; choose {choices}")
 SAFETY_CHECKER_MISSING = Wording(
     page="the safety checker ({repo}, ~1.2 GB) could not be loaded ({error}). Connect the server to the internet "
     "once so it can be downloaded, or start the app with --no-safety-checker (FASTCOMPOSER_DISABLE_SAFETY=1)",
@@ -57,136 +53,6 @@ SAFETY_CHECKER_MISSING = Wording(
     api="the safety checker ({repo}, ~1.2 GB) could not be loaded ({error}). Connect to the internet once so it "
     "can be downloaded, or load without it with `safety_checker=False`",
 )
-
-
-def cast(pipe: FastComposerPipeline, dtype: torch.dtype) -> FastComposerPipeline:
-    """Cast every network to `dtype` (diffusers' own `.to(dtype)` warns needlessly for each model)."""
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            torch.nn.Module.to(component, dtype=dtype)
-    return pipe
-
-
-def use_memory_format(pipe: FastComposerPipeline, device: torch.device, dtype: torch.dtype) -> None:
-    """Channels-last convolutions where they were measured to help: bf16 on the CPU.
-
-    On a 2-core AVX512-BF16 CPU at 512 px (benchmarks/bench_speed.py) channels-last makes a bf16 UNet step 4-11%
-    and a bf16 VAE decode 17% faster. In fp32 it is a wash, and fp32 must stay exactly the original's arithmetic,
-    so it keeps the default layout. On CUDA, `compile_unet` chooses the layout.
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        for network in (pipe.unet, pipe.vae):
-            network.to(memory_format=torch.channels_last)
-
-
-def compile_unet(pipe: FastComposerPipeline) -> FastComposerPipeline:
-    """Compile the UNet (the loop's only heavy part) for CUDA; a no-op elsewhere.
-
-    At batch 1-4 a 512 px SD1.5 step on a large GPU is bound by kernel launches, not arithmetic, so
-    CUDA graphs ("reduce-overhead") and channels-last convolutions pay off; the rest runs once per call.
-    """
-    if pipe.device.type != "cuda":
-        logger.warning("--compile only helps on CUDA; running uncompiled on %s", pipe.device.type)
-        return pipe
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-    return pipe
-
-
-# Peak memory above the weights for SD1.5 in fp16 at 512 px, measured on a GPU with our pipeline
-# (README, "Performance": 3.2 GiB for one image, 4.6 GiB for four, weights included).
-ACTIVATION_BASE_BYTES = 0.15 * 2**30
-ACTIVATION_PER_IMAGE_BYTES = 0.47 * 2**30
-MEMORY_MARGIN = 1.15  # the allocator's fragmentation and the CUDA context
-
-
-def memory_need_bytes(pipe: FastComposerPipeline, batch: int, height: int = 512, width: int = 512) -> int:
-    """Estimated GPU bytes for one call of `batch` images: the weights plus activations, with a margin."""
-    weights = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-                  for p in c.parameters())
-    scale = height * width / 512**2
-    return int(MEMORY_MARGIN * (weights + ACTIVATION_BASE_BYTES + ACTIVATION_PER_IMAGE_BYTES * batch * scale))
-
-
-def needs_offload(pipe: FastComposerPipeline, batch: int = 1, device: torch.device | None = None) -> bool:
-    """True when `device`'s free memory (default: the current CUDA device's) is under `memory_need_bytes`."""
-    free, _total = torch.cuda.mem_get_info(device)
-    need = memory_need_bytes(pipe, batch)
-    if free < need:
-        logger.info("GPU free memory %.1f GiB < %.1f GiB needed: turning on model CPU offload", free / 2**30,
-                    need / 2**30)
-        return True
-    return False
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; an explicit device must exist.
-
-    "cuda:N" names one GPU, as `accelerate` gives each process of a multi-GPU run (`PartialState().device`).
-    """
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SetupError(NO_DEVICE, value="cuda", missing="a CUDA GPU")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise SetupError(NO_DEVICE, value="mps", missing="Apple's MPS")
-    if device.startswith("cuda:"):
-        index = device.removeprefix("cuda:")
-        if not index.isdigit():
-            raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["device"], value=device,
-                             choices="auto, cpu, cuda, cuda:0, cuda:1, ... or mps")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(index) >= count:
-            raise SetupError(NO_DEVICE, value=device, missing=f"GPU {index} (of {count} CUDA GPUs)")
-        return torch.device(device)
-    if device not in ("cpu", "cuda", "mps"):
-        raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["device"], value=device,
-                         choices="auto, cpu, cuda or mps")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX), where bf16 is about 2x fp32.
-
-    Elsewhere PyTorch emulates bf16 and it is slower than fp32. Asks PyTorch first (its private but
-    long-standing `torch.cpu._is_*_supported`), then Linux's CPU flags.
-    """
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # noqa: BLE001 - a probe that cannot run means "unknown", not a crash
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on GPUs (cuda, mps); on the CPU bf16 where the hardware has it, else fp32.
-
-    bf16 changes pixels slightly (it is not the original's arithmetic): `--dtype fp32` reproduces exactly.
-    """
-    if dtype == "auto":
-        if device.type in ("cuda", "mps"):
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if dtype not in DTYPES:
-        raise SetupError(UNKNOWN_CHOICE, setting=SETTING_NAMES["dtype"], value=dtype,
-                         choices="auto, fp32, fp16 or bf16")
-    if dtype == "fp16" and device.type == "cpu":
-        logger.warning("fp16 on the CPU is very slow; consider --dtype fp32 or bf16")
-    if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        logger.warning("this CPU has no native bf16, where bf16 is slower than fp32; consider --dtype fp32")
-    return DTYPES[dtype]
 
 
 def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
@@ -315,10 +181,10 @@ def load_pipeline(
         `WeightsUnavailableError`, `CheckpointError`, `LoraError`, `ValueError` with messages that say how to fix
         them.
     """
+    # 1. Where and how it runs, and what it needs: weights, the safety checker, LoRA files (each fails early)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     chosen = get_preset(preset)
-    scheduler = scheduler or chosen.scheduler
     dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
     resolved = resolve_weights(weights, allow_download=allow_download, dtype=dtype_name)
     # The checker before the weights are read: if it cannot be had, fail before gigabytes are loaded for nothing.
@@ -326,46 +192,22 @@ def load_pipeline(
     lora_specs = [parse_lora_spec(spec) for spec in loras]
     for spec in lora_specs:  # a missing LoRA file or failed download, too, shows before the weights are read
         lora_file(spec, allow_download)
+
+    # 2. The networks, from the weights that were found
     arch = with_overrides(
         tiny_architecture() if resolved.kind == "tiny" else bundled_architecture(), base_model, image_encoder
     )
-    cached = _converted_copy(resolved, arch, dtype_name)
-    if resolved.kind == "checkpoint" and cache_converted:
-        if is_converted_folder(cached):
-            resolved = ResolvedWeights("converted", cached, "cache", resolved.revision)
+    pipe, label = build_pipeline(resolved, arch, torch_dtype, dtype_name, scheduler or chosen.scheduler,
+                                 cache_converted, base_model is not None)
 
-    if resolved.kind == "tiny":
-        pipe = cast(assemble(build_modules(arch, empty=False), arch, scheduler), torch_dtype)
-        label = "tiny (random weights)"
-    elif resolved.kind == "checkpoint":
-        pipe = assemble(load_modules_from_checkpoint(resolved.path, arch, torch_dtype), arch)
-        if cache_converted:  # in the dtype it runs in, so the next start maps it without converting
-            save_converted(pipe, cached, resolved)
-        pipe.use_scheduler(scheduler)
-        label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
-    else:
-        pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=torch_dtype, safety_checker=None,
-                                                    requires_safety_checker=False)
-        if base_model is not None:  # its tokenizer replaces the one saved in the folder
-            pipe.tokenizer = load_tokenizer(arch.tokenizer_dir)
-        # Samplers always start from the base model's scheduler config, never from whatever a folder saved.
-        pipe.set_base_scheduler(arch.scheduler)
-        pipe.use_scheduler(scheduler)
-        label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
-
+    # 3. The safety checker, the default preset, the device (or offload), LoRAs, layout and compilation
     if checker is not None:
         pipe.register_modules(safety_checker=checker)
         pipe.register_to_config(requires_safety_checker=True)
     else:
         logger.warning("the safety checker is off: generated images are not filtered")
     pipe.default_preset = chosen.name
-    if torch_device.type == "cuda" and (
-        offload is True or offload == "auto" and needs_offload(pipe, offload_batch, torch_device)
-    ):
-        pipe.enable_model_cpu_offload(device=torch_device)  # weights stay in RAM; GPU holds one network at a time
-        logger.info("model CPU offload is on: slower, but fits a small GPU")
-    else:
-        pipe.to(torch_device)
+    place(pipe, torch_device, offload, offload_batch)
     pipe.active_loras = apply_loras(pipe, lora_specs, allow_download=allow_download) if lora_specs else []
     use_memory_format(pipe, torch_device, torch_dtype)
     if compile:
@@ -374,3 +216,43 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)  # callers show their own progress
     logger.info("FastComposer ready: %s on %s (%s)", label, torch_device, str(torch_dtype).removeprefix("torch."))
     return pipe
+
+
+def build_pipeline(
+    resolved: ResolvedWeights, arch: Architecture, dtype: torch.dtype, dtype_name: str, scheduler: str,
+    cache_converted: bool, own_tokenizer: bool,
+) -> tuple[FastComposerPipeline, str]:
+    """The pipeline from tiny, checkpoint or converted weights (on the CPU), and the label naming the weights.
+
+    A checkpoint file read once is saved as a converted copy in the cache (when `cache_converted`), in the dtype
+    it runs in, so the next start memory-maps it without converting; that copy is used when it exists.
+    """
+    cached = _converted_copy(resolved, arch, dtype_name)
+    if resolved.kind == "checkpoint" and cache_converted and is_converted_folder(cached):
+        resolved = ResolvedWeights("converted", cached, "cache", resolved.revision)
+    if resolved.kind == "tiny":
+        return cast(assemble(build_modules(arch, empty=False), arch, scheduler), dtype), "tiny (random weights)"
+    if resolved.kind == "checkpoint":
+        pipe = assemble(load_modules_from_checkpoint(resolved.path, arch, dtype), arch)
+        if cache_converted:
+            save_converted(pipe, cached, resolved)
+        pipe.use_scheduler(scheduler)
+        label = f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.origin == "hub" else resolved.path.name
+        return pipe, label
+    pipe = FastComposerPipeline.from_pretrained(resolved.path, dtype=dtype, safety_checker=None,
+                                                requires_safety_checker=False)
+    if own_tokenizer:  # a --base-model's tokenizer replaces the one saved in the folder
+        pipe.tokenizer = load_tokenizer(arch.tokenizer_dir)
+    # Samplers always start from the base model's scheduler config, never from whatever a folder saved.
+    pipe.set_base_scheduler(arch.scheduler)
+    pipe.use_scheduler(scheduler)
+    return pipe, f"{config.CHECKPOINT_REPO}@{resolved.revision}" if resolved.revision else resolved.path.name
+
+
+def place(pipe: FastComposerPipeline, device: torch.device, offload: bool | str, offload_batch: int) -> None:
+    """Move the pipeline to `device`, or turn on model CPU offload on a CUDA GPU too small for it (see devices.py)."""
+    if device.type == "cuda" and (offload is True or offload == "auto" and needs_offload(pipe, offload_batch, device)):
+        pipe.enable_model_cpu_offload(device=device)  # weights stay in RAM; the GPU holds one network at a time
+        logger.info("model CPU offload is on: slower, but fits a small GPU")
+    else:
+        pipe.to(device)

@@ -22,73 +22,37 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import hashlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import is_compiled_module
+from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..config import MARKER, SETTINGS
+from ..config import SETTINGS
 from ..inputs.prompt import ParsedPrompt, parse_prompt
-from ..models.postfuse import PostfuseModule, SubjectImageProcessor, encode_subjects
-from .attention import SubjectAttention, capture_attention
-from .caching import FeatureCache, is_full_pass
+from ..models.postfuse import PostfuseModule
+from .attention import SubjectAttention
+from .checks import check_call
+from .denoising import DelayedConditioning, LoopAddons, LoopSettings, last_text_only_index
+from .mmagic import MMagicMixin
+from .output import FastComposerPipelineOutput, placeholder_image
 from .presets import DEFAULT_PRESET, resolve
 from .previews import predict_clean_latents
-from .schedulers import make_scheduler, scheduler_name
+from .schedulers import SamplerMixin
+from .subjects import SubjectEncodingMixin, SubjectImages, subject_groups
 
 logger = logging.get_logger(__name__)
 
-SUBJECT_CACHE_SIZE = 8  # photo sets whose CLIP embeddings are kept (a few KB each)
-
-SubjectImages = Sequence[PIL.Image.Image | Sequence[PIL.Image.Image]]  # per subject: one photo or several
-
-
-def subject_groups(subject_images: SubjectImages) -> list[list[PIL.Image.Image]]:
-    """Per subject, the list of its photos: a plain image means one photo."""
-    return [[item] if isinstance(item, PIL.Image.Image) else list(item) for item in subject_images]
+__all__ = ["FastComposerPipeline", "FastComposerPipelineOutput", "SubjectImages", "placeholder_image",
+           "subject_groups"]
 
 
-def _fingerprint(image: PIL.Image.Image) -> tuple:
-    return image.size, image.mode, hashlib.sha1(image.tobytes()).hexdigest()
-
-
-@dataclass
-class FastComposerPipelineOutput(BaseOutput):
-    """What a pipeline call returns.
-
-    Args:
-        images: the generated images (PIL list, numpy array or tensor, by `output_type`). An image the
-            safety checker flagged is replaced by a plain grey placeholder; its pixels are never returned.
-        nsfw_content_detected: per image, whether the safety checker flagged it (None without a checker).
-        interrupted: True when a step callback stopped the run; `images` is then empty.
-        attention: with `return_attention=True`, each subject's cross-attention map (see attention.py).
-    """
-
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    nsfw_content_detected: list[bool] | None
-    interrupted: bool = False
-    attention: SubjectAttention | None = None
-
-
-def placeholder_image(width: int, height: int) -> PIL.Image.Image:
-    """What a flagged image is replaced by: flat grey, so nothing of the original survives."""
-    return PIL.Image.new("RGB", (width, height), (128, 128, 128))
-
-
-class FastComposerPipeline(StableDiffusionPipeline):
+class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, StableDiffusionPipeline):
     r"""Text-to-image generation of one to four given subjects with FastComposer (arXiv 2305.10431).
 
     Components are those of [`StableDiffusionPipeline`] plus `image_encoder` (CLIP ViT-L/14 vision tower
@@ -129,63 +93,26 @@ class FastComposerPipeline(StableDiffusionPipeline):
         )
         self.register_modules(postfuse_module=postfuse_module)
         self.register_to_config(object_resolution=object_resolution)
-        self.subject_processor = SubjectImageProcessor(object_resolution)
-        self._subject_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # see encode_subject_images
-        self._subject_cache_owner = image_encoder
+        self.init_subject_encoding(image_encoder, object_resolution)
         # The sampler config every `use_scheduler` call starts from: the one this pipeline was built with,
         # which `load_pipeline` makes the base model's PNDM config (see `set_base_scheduler`).
         self._base_scheduler_config = dict(scheduler.config) if scheduler is not None else {}
         # What a call without `preset` uses for the steps and the cache (load_pipeline(preset=...) sets it).
         self.default_preset = DEFAULT_PRESET
-        self._special_tokenizer: tuple[CLIPTokenizer, CLIPTokenizer] | None = None  # (source, copy with `img`)
+        self._special_tokenizer = None  # see MMagicMixin.special_tokenizer
 
     # -- stages ---------------------------------------------------------------------------------------
 
     def check_inputs(  # type: ignore[override]
-        self,
-        parsed: ParsedPrompt,
-        groups: list[list[PIL.Image.Image]],
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        alpha: float,
-        num_images_per_prompt: int,
-        callback_on_step_end_tensor_inputs: list[str],
-        cache_interval: int = 1,
+        self, parsed: ParsedPrompt, groups: list[list[PIL.Image.Image]], height: int, width: int,
+        num_inference_steps: int, guidance_scale: float, alpha: float, num_images_per_prompt: int,
+        callback_on_step_end_tensor_inputs: list[str], cache_interval: int = 1,
     ) -> None:
-        """Raise `ValueError` naming the argument, the value given and what is expected."""
-        n = len(groups)
-        if parsed.num_subjects != n:
-            raise ValueError(
-                f"the prompt has {parsed.num_subjects} subject marker(s) but {n} subject image(s) were given "
-                "(one `subject_images` entry per subject: a photo or a list of photos); write `img` after each "
-                "subject word, one per subject, in the same order"
-            )
-        if n == 0:
-            raise ValueError("at least one subject image and one `img` marker are needed")
-        max_photos = SETTINGS.limits.max_photos_per_subject
-        for k, group in enumerate(groups):
-            if not 1 <= len(group) <= max_photos:
-                raise ValueError(
-                    f"subject {k + 1} has {len(group)} photos in `subject_images`; give 1 to {max_photos}"
-                )
-        if not all(isinstance(im, PIL.Image.Image) for group in groups for im in group):
-            raise ValueError("`subject_images` must be PIL images, or lists of PIL images (several per subject)")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"`height` and `width` must be positive multiples of 8 but are {height} and {width}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer but is {num_inference_steps!r}")
-        if not isinstance(cache_interval, int) or cache_interval < 1:
-            raise ValueError(f"`cache_interval` must be a positive integer (1 = no caching) but is {cache_interval!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be between 0 and 1 but is {alpha}")
-        if guidance_scale < 1.0:
-            raise ValueError(
-                f"`guidance_scale` must be >= 1 but is {guidance_scale}: below 1 pushes away from the prompt"
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer but is {num_images_per_prompt!r}")
+        """Raise `ValueError` naming the argument, the value given and what is expected (see checks.py)."""
+        check_call(
+            parsed, groups, height, width, num_inference_steps, guidance_scale, alpha, num_images_per_prompt,
+            cache_interval,
+        )
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
@@ -203,71 +130,36 @@ class FastComposerPipeline(StableDiffusionPipeline):
         ).input_ids
         return self.text_encoder(ids.to(device))[0]
 
-    def encode_subject_images(self, subject_images: SubjectImages, device: torch.device) -> torch.Tensor:
-        """(1, k, 1, D) CLIP embeddings of the k subjects (pad to square, 256, then 224 in the encoder).
+    def encode_prompts(
+        self, parsed: ParsedPrompt, negative_prompt: str | None, device: torch.device, num_images: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, L, D) each: the plain-text prompt (markers removed) and the negative prompt ("" when None)."""
+        text_embeds = self.encode_text(parsed.text_only, device).repeat(num_images, 1, 1)
+        negative_embeds = self.encode_text(negative_prompt or "", device).repeat(num_images, 1, 1)
+        return text_embeds, negative_embeds
 
-        A subject with several photos gets the mean of its photos' projected CLIP embeddings, with equal
-        weights and before the post-fuse MLP. That point, not after the MLP: the MLP is nonlinear and ends
-        in a LayerNorm, so averaging its outputs gives a vector it never produced (shorter than any it
-        does), while the mean of CLIP embeddings of one person is itself a CLIP-like embedding (CLIP's
-        space is close to linear for such averages) with photo-specific pose and light averaged out, and
-        the trained MLP then fuses it as it fuses any one photo. Unnormalised, like a single embedding.
-
-        Identical photos within a subject count once, and every photo of every subject goes through the
-        encoder in one batch in subject order, so one photo per subject encodes exactly as before and
-        the same photo given twice equals giving it once, bit for bit.
-
-        Cached for the last few photo sets (keyed on every photo of every subject): people re-run new
-        prompts with the same photos, and the ViT-L/14 pass costs about a second per photo on a CPU.
-        """
-        if self._subject_cache_owner is not self.image_encoder:  # a new encoder: old embeddings are void
-            self._subject_cache.clear()
-            self._subject_cache_owner = self.image_encoder
-        unique: list[list[PIL.Image.Image]] = []
-        prints: list[tuple] = []
-        for group in subject_groups(subject_images):
-            seen: dict[tuple, PIL.Image.Image] = {}
-            for image in group:
-                seen.setdefault(_fingerprint(image), image)
-            unique.append(list(seen.values()))
-            prints.append(tuple(seen))
-        key = (str(device), self.image_encoder.dtype, self.subject_processor.resolution, tuple(prints))
-        if key in self._subject_cache:
-            self._subject_cache.move_to_end(key)
-            return self._subject_cache[key]
-        flat = [image for group in unique for image in group]
-        pixels = self.subject_processor(flat).to(device=device, dtype=self.image_encoder.dtype)
-        embeds = encode_subjects(self.image_encoder, pixels)  # (1, photos, 1, D)
-        per_subject, start = [], 0
-        for group in unique:
-            chunk = embeds[:, start:start + len(group)]
-            start += len(group)
-            # One photo: the embedding itself (no arithmetic, so bit-identical to a single-photo run).
-            per_subject.append(chunk if len(group) == 1 else chunk.float().mean(dim=1, keepdim=True).to(chunk.dtype))
-        embeds = torch.cat(per_subject, dim=1)
-        self._subject_cache[key] = embeds
-        while len(self._subject_cache) > SUBJECT_CACHE_SIZE:
-            self._subject_cache.popitem(last=False)
-        return embeds
-
-    def encode_augmented_prompt(
-        self, parsed: ParsedPrompt, object_embeds: torch.Tensor, device: torch.device
+    def encode_subjects(
+        self, parsed: ParsedPrompt, groups: list[list[PIL.Image.Image]], device: torch.device, num_images: int,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        """(1, L, D) text embeddings of the clean ids with each subject's embedding fused in."""
-        input_ids = torch.tensor([parsed.input_ids], device=device)
-        mask = torch.tensor([parsed.image_token_mask], device=device)
-        text_embeds = self.text_encoder(input_ids)[0]
-        num_objects = torch.tensor([parsed.num_subjects], device=device)
-        return self.postfuse_module(text_embeds, object_embeds, mask, num_objects)
+        """(n, L, D): the prompt with each subject's photo embedding fused into its word."""
+        object_embeds = self.encode_subject_images(groups, device)
+        augmented = self.encode_augmented_prompt(parsed, object_embeds, device)
+        return augmented.to(dtype).repeat(num_images, 1, 1)
 
-    @staticmethod
-    def last_text_only_index(alpha: float, num_inference_steps: int) -> float:
-        """The last loop index (inclusive) at which the conditional branch sees only the text.
+    last_text_only_index = staticmethod(last_text_only_index)
 
-        A float, not rounded, compared with the loop index as the released code did. With PNDM's
-        N + 1 iterations and alpha = 1 the first iteration is still text-only.
-        """
-        return (1.0 - alpha) * num_inference_steps
+    def prepare_conditioning(
+        self, text_embeds: torch.Tensor, negative_embeds: torch.Tensor, augmented_embeds: torch.Tensor,
+        alpha: float, num_inference_steps: int, num_iterations: int, do_cfg: bool,
+    ) -> DelayedConditioning:
+        """Delayed subject conditioning: the text-only batch first, the subject-augmented one after the switch."""
+        return DelayedConditioning(
+            text=torch.cat([negative_embeds, text_embeds]) if do_cfg else text_embeds,
+            subject=torch.cat([negative_embeds, augmented_embeds]) if do_cfg else augmented_embeds,
+            switch=last_text_only_index(alpha, num_inference_steps),
+            num_iterations=num_iterations,
+        )
 
     def decode_and_check(
         self, latents: torch.Tensor, output_type: str, device: torch.device, dtype: torch.dtype
@@ -281,6 +173,53 @@ class FastComposerPipeline(StableDiffusionPipeline):
         if nsfw is not None and output_type == "pil":
             image = [placeholder_image(*im.size) if flag else im for im, flag in zip(image, nsfw)]
         return image, (None if nsfw is None else [bool(f) for f in nsfw])
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def denoise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: DelayedConditioning,
+        settings: LoopSettings, parsed: ParsedPrompt, num_inference_steps: int,
+    ) -> tuple[torch.Tensor, SubjectAttention | None]:
+        """The denoising loop: one UNet pass and one sampler step per timestep, with the call's add-ons attached.
+
+        Returns the final latents and, with `settings.return_attention`, each subject's attention map.
+        """
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with LoopAddons(self.unet, settings, conditioning, tuple(latents.shape[-2:])) as addons, \
+                self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                addons.before_step(i, t)
+                latents, denoised = self.denoising_step(i, t, latents, conditioning.at(i), settings)
+                if settings.callback is not None:
+                    tensors = {"latents": latents, "denoised": denoised}
+                    outputs = settings.callback(self, i, t, {k: tensors[k] for k in settings.tensor_inputs})
+                    latents = (outputs or {}).pop("latents", latents)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+            return latents, addons.attention(parsed)
+
+    def denoising_step(
+        self, i: int, t: torch.Tensor, latents: torch.Tensor, embeds: torch.Tensor, settings: LoopSettings
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One iteration: the UNet on the (guided) batch, then the sampler. Also returns the clean-latent
+        estimate when the callback asked for "denoised" (live previews), else None."""
+        model_input = torch.cat([latents] * 2) if settings.do_cfg else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        noise_pred = self.unet(
+            model_input, t, encoder_hidden_states=embeds, cross_attention_kwargs=settings.cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+        if settings.do_cfg:
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + settings.guidance_scale * (noise_cond - noise_uncond)
+        denoised = (
+            predict_clean_latents(self.scheduler, model_input[-settings.num_images:], noise_pred, t)
+            if "denoised" in settings.tensor_inputs else None
+        )
+        latents = self.scheduler.step(noise_pred, t, latents, **settings.extra_step_kwargs, return_dict=False)[0]
+        return latents, denoised
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -352,30 +291,26 @@ class FastComposerPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         plan = resolve(preset or self.default_preset, None, num_inference_steps, cache_interval)
-        num_inference_steps, cache_interval = plan.num_inference_steps, plan.cache_interval
+        num_inference_steps, n = plan.num_inference_steps, num_images_per_prompt
 
         # 1. Parse the prompt and check inputs
         parsed = parse_prompt(prompt, self.tokenizer)
         groups = subject_groups(subject_images)
         self.check_inputs(
-            parsed, groups, height, width, num_inference_steps, guidance_scale, alpha,
-            num_images_per_prompt, tensor_inputs, cache_interval,
+            parsed, groups, height, width, num_inference_steps, guidance_scale, alpha, n, tensor_inputs,
+            plan.cache_interval,
         )
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
-        do_cfg = guidance_scale > 1.0
         device = self._execution_device
 
-        with self._sampler(plan.scheduler if preset is not None else None):
+        with self.sampler(plan.scheduler if preset is not None else None):
             # 2. Encode the plain-text prompt and the negative prompt: (n, L, D) each
-            text_embeds = self.encode_text(parsed.text_only, device).repeat(num_images_per_prompt, 1, 1)
-            negative_embeds = self.encode_text(negative_prompt or "", device).repeat(num_images_per_prompt, 1, 1)
+            text_embeds, negative_embeds = self.encode_prompts(parsed, negative_prompt, device, n)
 
             # 3. Encode the subjects and fuse them into the prompt: (n, L, D)
-            object_embeds = self.encode_subject_images(groups, device)
-            augmented_embeds = self.encode_augmented_prompt(parsed, object_embeds, device)
-            augmented_embeds = augmented_embeds.to(text_embeds.dtype).repeat(num_images_per_prompt, 1, 1)
+            augmented_embeds = self.encode_subjects(parsed, groups, device, n, text_embeds.dtype)
 
             # 4. Prepare timesteps
             self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -384,69 +319,24 @@ class FastComposerPipeline(StableDiffusionPipeline):
 
             # 5. Prepare latents: drawn with `generator` (on its device), then moved
             latents = self.prepare_latents(
-                num_images_per_prompt, self.unet.config.in_channels, height, width,
-                text_embeds.dtype, device, generator, latents,
+                n, self.unet.config.in_channels, height, width, text_embeds.dtype, device, generator, latents,
             )
             extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
             if eta is None:  # each sampler's own default (TCD's gamma is 0.3, DDIM's eta 0)
                 extra_step_kwargs.pop("eta", None)
 
-            # 6. Delayed subject conditioning: which embedding the conditional branch sees, per iteration
-            switch = self.last_text_only_index(alpha, num_inference_steps)
-            text_cond = torch.cat([negative_embeds, text_embeds]) if do_cfg else text_embeds
-            subject_cond = torch.cat([negative_embeds, augmented_embeds]) if do_cfg else augmented_embeds
-            first_subject_step = next((i for i in range(len(timesteps)) if i > switch), None)
-
-            # 7. Denoising loop, with the optional feature cache and attention capture around it
-            if cache_interval > 1 and is_compiled_module(self.unet):
-                # Not verified with CUDA graphs (the cached pass changes the graph every step): run every pass full.
-                logger.warning("feature caching is off for a compiled UNet; every UNet pass runs in full")
-                cache_interval = 1
-            cache = FeatureCache.attach(self.unet, cache_interval) if cache_interval > 1 else nullcontext()
-            capture = (
-                capture_attention(self.unet, num_images_per_prompt, tuple(latents.shape[-2:]),
-                                  num_images_per_prompt if do_cfg else 0)
-                if return_attention else nullcontext((None, []))
+            # 6. Delayed subject conditioning: which embedding the UNet batch sees, per iteration
+            settings = LoopSettings(
+                guidance_scale, n, plan.cache_interval, return_attention, extra_step_kwargs, tensor_inputs,
+                callback_on_step_end, cross_attention_kwargs,
             )
-            num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-            with cache as feature_cache, capture as (store, attention_layers), \
-                    self.progress_bar(total=num_inference_steps) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        break
-                    subject_step = i > switch
-                    if feature_cache is not None:  # full passes at 0, at the switch, then every N-th
-                        feature_cache.full = is_full_pass(i, cache_interval, first_subject_step)
-                    if store is not None:
-                        store.active = subject_step
-                        store.steps += subject_step
-                    model_input = torch.cat([latents] * 2) if do_cfg else latents
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                    noise_pred = self.unet(
-                        model_input, t, encoder_hidden_states=subject_cond if subject_step else text_cond,
-                        cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
-                    )[0]
-                    if do_cfg:
-                        noise_uncond, noise_cond = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                    denoised = (
-                        predict_clean_latents(self.scheduler, model_input[-num_images_per_prompt:], noise_pred, t)
-                        if "denoised" in tensor_inputs else None
-                    )
-                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            conditioning = self.prepare_conditioning(
+                text_embeds, negative_embeds, augmented_embeds, alpha, num_inference_steps, len(timesteps),
+                settings.do_cfg,
+            )
 
-                    if callback_on_step_end is not None:
-                        local_tensors = {"latents": latents, "denoised": denoised}
-                        outputs = callback_on_step_end(self, i, t, {k: local_tensors[k] for k in tensor_inputs})
-                        latents = (outputs or {}).pop("latents", latents)
-                    if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                        progress_bar.update()
-                attention = None
-                if store is not None:
-                    token_maps = store.token_maps()
-                    maps = token_maps[:, parsed.subject_positions] if token_maps.shape[1] else token_maps
-                    attention = SubjectAttention(maps, token_maps, list(parsed.subject_positions),
-                                                 attention_layers, store.steps)
+            # 7. Denoising loop, with the call's add-ons (feature cache, attention capture) attached
+            latents, attention = self.denoise(latents, timesteps, conditioning, settings, parsed, num_inference_steps)
 
         # 8. Stopped early: skip the decode (seconds on a CPU) and return nothing
         if self.interrupt:
@@ -464,94 +354,6 @@ class FastComposerPipeline(StableDiffusionPipeline):
             return images, nsfw
         return FastComposerPipelineOutput(images=images, nsfw_content_detected=nsfw, attention=attention)
 
-    # -- conveniences ---------------------------------------------------------------------------------
-
-    def set_base_scheduler(self, config: dict[str, Any]) -> None:
-        """Make `config` (the base model's scheduler config) the one every sampler is built from; back to PNDM."""
-        self._base_scheduler_config = dict(config)
-        self.scheduler = make_scheduler("pndm", self._base_scheduler_config)
-
-    def use_scheduler(self, name: str) -> None:
-        """Switch the sampler (a name in `schedulers.SCHEDULERS`), keeping the model's noise schedule."""
-        if scheduler_name(self.scheduler) != name:
-            self.scheduler = make_scheduler(name, self._base_scheduler_config)
-
-    @contextmanager
-    def _sampler(self, name: str | None) -> Iterator[None]:
-        """Use sampler `name` for one call (None: the current one), then put the previous one back."""
-        if name is None or scheduler_name(self.scheduler) == name:
-            yield
-            return
-        previous = self.scheduler
-        self.scheduler = make_scheduler(name, self._base_scheduler_config)
-        try:
-            yield
-        finally:
-            self.scheduler = previous
-
-    @property
-    def special_tokenizer(self) -> CLIPTokenizer:
-        """A second tokenizer with `img` added as a special token, as mmagic and the original demo have it.
-
-        For code written against mmagic's FastComposer, which counts subjects with
-        `(np.array(model.special_tokenizer.encode(prompt)) == model.image_token_id).sum()`. Built from the
-        pipeline's own tokenizer files (never the network) on first use. Its quirk is the original's: an
-        added token matches inside words too ("imgur" counts). Our own `parse_prompt` counts whole words
-        only; on ordinary prompts both agree.
-        """
-        source = self.tokenizer
-        if self._special_tokenizer is None or self._special_tokenizer[0] is not source:
-            special = copy.deepcopy(source)
-            special.add_tokens([MARKER], special_tokens=True)
-            self._special_tokenizer = (source, special)
-        return self._special_tokenizer[1]
-
-    @property
-    def image_token_id(self) -> int:
-        """The id of `img` in `special_tokenizer` (49408 for SD1.5's vocabulary)."""
-        return self.special_tokenizer.convert_tokens_to_ids(MARKER)
-
     def request_stop(self) -> None:
         """Ask a running call to stop after the current step (safe to call from a step callback)."""
         self._interrupt = True
-
-    def infer(
-        self,
-        prompt: str,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        alpha_: float = 0.7,
-        reference_subject_images: Sequence[PIL.Image.Image] | None = None,
-        **unused: Any,
-    ) -> dict[str, Any]:
-        """OpenMMLab mmagic's `FastComposer.infer`, with its defaults (guidance 7.5, alpha 0.7).
-
-        Returns `{"samples": images, "nsfw_content_detected": flags}` so mmagic snippets port by changing
-        only how the model is built.
-        """
-        if unused:
-            logger.warning("infer(): ignoring unsupported arguments %s", sorted(unused))
-        out = self(
-            prompt,
-            reference_subject_images or [],
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            alpha=alpha_,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            eta=eta,
-            output_type=output_type,
-        )
-        return {"samples": out.images, "nsfw_content_detected": out.nsfw_content_detected}

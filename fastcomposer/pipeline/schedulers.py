@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from diffusers import (
@@ -63,3 +65,33 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
         if type(scheduler) is cls:
             return name
     return type(scheduler).__name__
+
+
+class SamplerMixin:
+    """Sampler switching for a pipeline: every sampler is built from the base model's scheduler config."""
+
+    scheduler: SchedulerMixin
+    _base_scheduler_config: dict[str, Any]
+
+    def set_base_scheduler(self, config: dict[str, Any]) -> None:
+        """Make `config` (the base model's scheduler config) the one every sampler is built from; back to PNDM."""
+        self._base_scheduler_config = dict(config)
+        self.scheduler = make_scheduler("pndm", self._base_scheduler_config)
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch the sampler (a name in `SCHEDULERS`), keeping the model's noise schedule."""
+        if scheduler_name(self.scheduler) != name:
+            self.scheduler = make_scheduler(name, self._base_scheduler_config)
+
+    @contextmanager
+    def sampler(self, name: str | None) -> Iterator[None]:
+        """Use sampler `name` for one call (None: the current one), then put the previous one back."""
+        if name is None or scheduler_name(self.scheduler) == name:
+            yield
+            return
+        previous = self.scheduler
+        self.scheduler = make_scheduler(name, self._base_scheduler_config)
+        try:
+            yield
+        finally:
+            self.scheduler = previous
