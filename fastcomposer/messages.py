@@ -96,6 +96,8 @@ SETTING_NAMES: dict[str, Wording] = {
     "device": Wording("--device", "--device", "`device`"),  # on the page: the app's start-up flag
     "dtype": Wording("--dtype", "--dtype", "`dtype`"),
     "crop_margin": Wording("Crop", "--crop-margin", "`crop_margin`"),  # the slider is labelled "Crop: tight face …"
+    "boxes": Wording("layout boxes", "--box", "`boxes`"),
+    "separate": Wording("'Keep people apart'", "--separate", "`separate`"),
     # How to give the encoder whole photos instead of face crops.
     "no_face_crop": Wording("untick 'Crop to the face'", "pass --no-face-crop",
                             "turn off face crop (`face_crop=False`)"),

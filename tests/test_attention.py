@@ -7,7 +7,8 @@ import PIL.Image
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from fastcomposer.pipeline.attention import attention_layers, overlay
+from fastcomposer.pipeline.attention import attention_layers
+from fastcomposer.pipeline.overlays import overlay
 
 SMALL = dict(height=64, width=64, num_inference_steps=4)
 

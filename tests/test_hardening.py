@@ -359,10 +359,10 @@ def test_r24_a_queued_job_of_a_disconnected_browser_never_starts(fake_app):
         uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("astronaut.png", f, "image/png")}).json()[0]
     photo = {"path": uploaded, "orig_name": "astronaut.png", "meta": {"_type": "gradio.FileData"}}
     # Generate's inputs in page order: the settings, 4 photo galleries, 4 "whole photo" choices, cache interval, LoRA
-    # and its strength, crop margin, attention maps, identity check, alpha sweep, and the gallery's State (a browser
-    # sends null for it)
+    # and its strength, crop margin, attention maps, identity check, alpha sweep, layout boxes, keep apart, and the
+    # gallery's State (a browser sends null for it)
     data = ["a woman img reading", "", 0.75, 5.0, 1, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None, None,
-            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", None]
+            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
     session = "leaver-session"
     joined = httpx.post(url + "gradio_api/queue/join",

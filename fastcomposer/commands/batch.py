@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..config import SETTINGS
 from ..generation.metadata import GenerationRecord, read_record, save_png
-from ..generation.run import GenerationError, generate, recorded_margin
+from ..generation.run import GenerationError, generate, recorded_boxes, recorded_margin
 from ..inputs.images import ImageError, load_image
 from ..messages import message_for
 from .jobs import Job, read_jobs
@@ -104,6 +104,8 @@ def expected_settings(job: Job) -> dict:
         "crop_margin": recorded_margin(r),
         "cache_interval": int(r.cache_interval),
         "photos_per_subject": [len(group) for group in job.photos],
+        "boxes": recorded_boxes(r),
+        "separate": bool(r.separate),
     }
     if r.seed != -1:
         want["seed"] = int(r.seed)
@@ -348,6 +350,7 @@ def make_summary(outcomes: list[Outcome], defaults: argparse.Namespace, jobs_fil
             "seed": defaults.seed, "num_images": defaults.num_images,
             "height": defaults.height, "width": defaults.width,  # None: the model's own size
             "face_crop": not defaults.no_face_crop, "crop_margin": defaults.crop_margin,
+            "boxes": defaults.box, "separate": defaults.separate,
             "safety_checker": not defaults.no_safety_checker,
             "identity_check": defaults.identity_check, "weights": defaults.weights, "base_model": defaults.base_model,
             "image_encoder": defaults.image_encoder, "lora": defaults.lora, "device": defaults.device,

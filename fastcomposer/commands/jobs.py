@@ -36,6 +36,8 @@ SETTING_KEYS: dict[str, tuple[str, str]] = {
     "crop_margin": ("crop_margin", "number"),
     "preset": ("preset", "text"),
     "cache_interval": ("cache_interval", "whole"),
+    "boxes": ("box", "list"),  # per subject [x0, y0, x1, y1] or null, as --box is
+    "separate": ("separate", "bool"),
 }
 JOB_KEYS = ("id", "prompt", "images", *SETTING_KEYS)
 # Safe as a file name on every system: no separators, no "..", no leading dot (our temporary files have one).
@@ -240,10 +242,17 @@ def _typed(key: str, value, kind: str):
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "text": isinstance(value, str),
         "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
     }[kind]
     if not ok:
-        wanted = {"whole": "a whole number", "number": "a number", "text": "text", "bool": "true or false"}[kind]
+        wanted = {"whole": "a whole number", "number": "a number", "text": "text", "bool": "true or false",
+                  "list": "a list, e.g. [[0, 0, 0.5, 1], null]"}[kind]
         raise JobError(f'"{key}" must be {wanted}, got {_short(value)}')
+    if key == "boxes":
+        for k, box in enumerate(value, start=1):
+            if box is not None and not isinstance(box, list):
+                raise JobError(f'"boxes" entry {k} must be [x0, y0, x1, y1] (fractions from 0 to 1) or null, got '
+                               f"{_short(box)}")
     return value.strip().lower() if key == "preset" else value
 
 

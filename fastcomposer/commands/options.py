@@ -63,6 +63,11 @@ def add_generation_args(p: argparse.ArgumentParser, sweeps: bool = True) -> None
                    help="how much of the person a face crop keeps: crop side over face width, from 1.4 (a tight "
                    "face) to 3.2 (head and shoulders); default 2.6")
     p.add_argument("--no-safety-checker", action="store_true", help="do not filter images with the safety checker")
+    p.add_argument("--box", action="append", default=None, metavar="X0,Y0,X1,Y1",
+                   help="where a subject goes, as fractions of width and height (0,0,0.5,1: the left half); repeat "
+                   "once per subject in `img` order, '-' for a subject left free")
+    p.add_argument("--separate", action="store_true",
+                   help="keep the subjects apart without boxes: each keeps the region it takes in the first steps")
     p.add_argument("--identity-check", action="store_true",
                    help="score each image's faces against the subjects (ArcFace) and print one line per image")
 
@@ -152,8 +157,32 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
         height=args.height or 512, width=args.width or 512, seed=args.seed, scheduler=plan.scheduler,
         face_crop=not args.no_face_crop, crop_margin=args.crop_margin, cache_interval=plan.cache_interval,
         preset=args.preset,
-        identity_check=args.identity_check,
+        identity_check=args.identity_check, boxes=parse_boxes(args.box), separate=bool(args.separate),
     )
+
+
+def parse_boxes(values: list | None) -> list | None:
+    """--box values -> per subject a 4-tuple of floats or None ('-'); None without --box. Lists (a batch job's
+    "boxes") pass through as they are, for the request's own checks. Raises UserError for unreadable text."""
+    if values is None:
+        return None
+    boxes = []
+    for k, value in enumerate(values, start=1):
+        if not isinstance(value, str):
+            boxes.append(value)
+            continue
+        if value.strip() in ("-", ""):
+            boxes.append(None)
+            continue
+        try:
+            numbers = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 4:
+            raise UserError(f"--box {value!r} (number {k}) must be four numbers X0,Y0,X1,Y1 from 0 to 1, e.g. "
+                            "0,0,0.5,1, or - for a free subject")
+        boxes.append(numbers)
+    return boxes
 
 
 def load_model(args: argparse.Namespace):

@@ -17,6 +17,8 @@ from typing import Any
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..pipeline.boxes import format_boxes
+
 logger = logging.getLogger(__name__)
 
 KEY = "fastcomposer"
@@ -46,6 +48,8 @@ class GenerationRecord:
     photos_per_subject: list[int] | None = None  # counts only: no image data is ever stored
     identity: dict | None = None  # the identity check's report (`identity.IdentityReport.to_dict()`), if run
     loras: list[str] = field(default_factory=list)  # LoRAs applied, as `NAME:SCALE` (older PNGs: none)
+    boxes: list | None = None  # layout: per subject [x0, y0, x1, y1] as fractions, or None (free); None: no boxes
+    separate: bool = False  # layout: automatic separation of the subjects
 
     def summary(self) -> str:
         return (
@@ -57,7 +61,10 @@ class GenerationRecord:
             + (f", Cache interval: {self.cache_interval}" if self.cache_interval != 1 else "")
             + (f", Photos per subject: {self.photos_per_subject}" if self.photos_per_subject else "")
             + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")
+            + (f", Boxes: {format_boxes(self.boxes)}" if self.boxes else "")
+            + (", Keep apart: on" if self.separate else "")
         )
+
 
 
 def png_info(record: GenerationRecord) -> PngInfo:

@@ -17,6 +17,7 @@ from ..config import SETTINGS, Limits
 from ..inputs.faces import MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
 from ..inputs.prompt import ParsedPrompt, parse_prompt
 from ..messages import UserFacingError, Wording
+from ..pipeline.boxes import box_problem
 from ..pipeline.schedulers import SCHEDULERS, max_steps
 from .metadata import GenerationRecord
 
@@ -64,6 +65,26 @@ REMOVE_A_PHOTO = Wording("remove a photo or add `img` after a subject word",
                          "remove a photo from `images` or add `img` after a subject word")
 
 
+BOX_NAME = Wording("layout box {k}", "--box number {k}", "box {k} of `boxes`")  # `{box_k}` below
+# `layout.box_problem`'s reasons, per audience: the page's Layout boxes, the command line's --box (in subject
+# order), Python's `boxes`.
+BOX_PROBLEMS = {
+    "not_a_list": Wording.same("{boxes} must be a list with one (x0, y0, x1, y1) box or None per subject"),
+    "too_many": Wording(
+        page="{n} layout boxes for {subjects} subject(s); give one per subject",
+        cli="{n} --box values for {subjects} subject(s); give one --box per subject, in `img` order (--box - for a "
+        "free subject)",
+        api="`boxes` has {n} entries for {subjects} subject(s); give one per subject, in marker order",
+    ),
+    "not_four": Wording(page="layout box {k} must be four numbers", cli="--box number {k} must be X0,Y0,X1,Y1",
+                        api="`boxes` entry {k} must be four numbers (x0, y0, x1, y1) or None"),
+    "outside": Wording.same("{box_k} {box} is outside the image: each value is a fraction of width or height, from "
+                            "0 to 1"),
+    "empty": Wording.same("{box_k} {box} is empty or inverted: x1 must be greater than x0, and y1 greater than y0"),
+    "too_small": Wording.same("{box_k} is {w_px}x{h_px} px, smaller than one latent cell ({cell} px); make it larger"),
+}
+
+
 class GenerationError(UserFacingError, ValueError):
     """A request that cannot run as given; `message_for(audience)` words it for the page, CLI or Python."""
 
@@ -90,6 +111,10 @@ class GenerationRequest:
     preset: str | None = None  # the preset the settings came from, recorded in the PNG (informational)
     attention_maps: bool = False  # also return each image with its per-subject attention overlay
     identity_check: bool = False  # score each image's faces against the subjects (see identity.py)
+    # Layout (pipeline/layout.py): per subject in marker order, where it goes, `(x0, y0, x1, y1)` as fractions of
+    # width and height, or None for a free subject; None: no boxes.
+    boxes: Sequence[Sequence[float] | None] | None = None
+    separate: bool = False  # keep the subjects apart without boxes (automatic separation)
 
 
 @dataclass
@@ -170,6 +195,7 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
          n=r.num_images, steps=r.num_inference_steps, width_px=r.width, height_px=r.height,
          limit=f"{limits.max_compute_units:g}")
 
+    need(isinstance(r.separate, bool), "{separate} must be true or false, got {value!r}", value=r.separate)
     try:
         parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
     except ValueError as e:
@@ -185,4 +211,7 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     if parsed.num_subjects != n_images:
         fix = ADD_A_PHOTO if parsed.num_subjects > n_images else REMOVE_A_PHOTO
         raise GenerationError(COUNT_MISMATCH, markers=parsed.num_subjects, n=n_images, fix=fix)
+    problem = box_problem(r.boxes, parsed.num_subjects, int(r.height), int(r.width))
+    if problem is not None:
+        raise GenerationError(BOX_PROBLEMS[problem[0]], box_k=BOX_NAME, **problem[1])
     return parsed

@@ -24,7 +24,7 @@ from ..config import SETTINGS, VERSION, Limits
 from ..inputs.faces import DEFAULT_MARGIN
 from ..inputs.prompt import subject_words
 from ..messages import PhotoRef, UserFacingError
-from ..pipeline.attention import overlay
+from ..pipeline.overlays import overlay
 from ..pipeline.previews import latents_to_rgb
 from .metadata import GenerationRecord, with_metadata
 from .request import (  # noqa: F401  (re-exported: `fastcomposer.generation.run.GenerationRequest` and co.)
@@ -178,6 +178,8 @@ def run_pipeline(pipe, request: GenerationRequest, subjects: list[list], seed: i
     extra["cache_interval"] = int(request.cache_interval)  # explicit: a pipeline's own preset must not add caching
     if request.attention_maps:
         extra["return_attention"] = True
+    if request.boxes is not None or request.separate:  # only then: without them the call is exactly as before
+        extra.update(boxes=request.boxes, separate=bool(request.separate))
     try:
         out = pipe(
             request.prompt,
@@ -212,8 +214,16 @@ def image_records(pipe, request: GenerationRequest, seed: int, subjects: list[li
         cache_interval=int(request.cache_interval), preset=request.preset,
         photos_per_subject=[len(group) for group in subjects],
         loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
+        boxes=recorded_boxes(request), separate=bool(request.separate),
     )
     return [replace(base, image_index=k) for k in range(count)]
+
+
+def recorded_boxes(request: GenerationRequest) -> list | None:
+    """The boxes as the PNG keeps them: one list of four floats (or None) per subject; None without boxes."""
+    if request.boxes is None or all(box is None for box in request.boxes):
+        return None
+    return [None if box is None else [float(v) for v in box] for box in request.boxes]
 
 
 def attention_overlays(request: GenerationRequest, out, images: list, nsfw: list[bool]) -> list[PIL.Image.Image]:
@@ -222,8 +232,10 @@ def attention_overlays(request: GenerationRequest, out, images: list, nsfw: list
     if attention is None or not images:
         return []
     words = subject_words(request.prompt)
+    regions = attention.regions
     return [
-        placeholder if hidden else overlay(image, attention.maps[k], words)
+        placeholder if hidden else overlay(image, attention.maps[k], words, regions=None if regions is None
+                                           else regions[k], boxes=attention.boxes)
         for k, (image, hidden, placeholder) in enumerate(zip(images, nsfw, out.images))
     ]
 

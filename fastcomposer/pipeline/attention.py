@@ -28,24 +28,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
-import PIL.Image
-import PIL.ImageDraw
-import PIL.ImageFont
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.utils.torch_utils import unwrap_module
 
+from .overlays import SUBJECT_COLOURS, overlay  # noqa: F401  (their old home; the drawing is in overlays.py)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_FACTORS = (2, 4)  # latent side / layer side: 32x32 and 16x16 at 512 px
-# One colour per subject (colour-blind-safe Okabe-Ito hues), in marker order.
-SUBJECT_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (204, 121, 167))
-
-
-def attention_layers(unet: torch.nn.Module, factors: Sequence[int] = DEFAULT_FACTORS) -> list[str]:
-    """Names (as in `unet.attn_processors`) of the cross-attention layers at the given downsampling factors.
+def layer_factors(unet: torch.nn.Module) -> dict[str, int]:
+    """Every attention layer (as named in `unet.attn_processors`) -> the downsampling factor of its grid.
 
     A down block k works at 2^k of the latent's side; up block k at 2^(n-1-k); the mid block at 2^(n-1).
     """
@@ -54,14 +48,30 @@ def attention_layers(unet: torch.nn.Module, factors: Sequence[int] = DEFAULT_FAC
     factor_of = {f"down_blocks.{k}.": 2**k for k in range(n)}
     factor_of.update({f"up_blocks.{k}.": 2 ** (n - 1 - k) for k in range(n)})
     factor_of["mid_block."] = 2 ** (n - 1)
-    names = []
-    for name in unet.attn_processors:
-        if ".attn2." not in name:  # attn1 is self-attention: it has no token to look at
-            continue
-        factor = next((f for prefix, f in factor_of.items() if name.startswith(prefix)), None)
-        if factor in factors:
-            names.append(name)
-    return names
+    return {name: next(f for prefix, f in factor_of.items() if name.startswith(prefix))
+            for name in unet.attn_processors if any(name.startswith(prefix) for prefix in factor_of)}
+
+
+def attention_layers(
+    unet: torch.nn.Module, factors: Sequence[int] = DEFAULT_FACTORS, kind: str = "attn2"
+) -> list[str]:
+    """Names of the cross-attention (`kind="attn2"`) or self-attention ("attn1") layers at the given factors."""
+    return [name for name, factor in layer_factors(unet).items() if f".{kind}." in name and factor in factors]
+
+
+@contextmanager
+def use_processors(unet: torch.nn.Module, replacements: dict[str, object]) -> Iterator[None]:
+    """Put `replacements` (layer name -> attention processor) on the UNet for the block, then the originals back."""
+    unet = unwrap_module(unet)
+    original = unet.attn_processors
+    if any(type(original[name]) is not AttnProcessor2_0 for name in replacements):
+        # Another processor (xformers, a custom one) would be replaced by SDPA: the output could change.
+        logger.warning("replacing non-default attention processors on %d layers", len(replacements))
+    unet.set_attn_processor({name: replacements.get(name, proc) for name, proc in original.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
 
 
 class AttentionStore:
@@ -82,8 +92,10 @@ class AttentionStore:
         self.total: torch.Tensor | None = None  # (n, L, gh, gw) float32
         self.count = 0  # layer calls summed
         self.steps = 0  # iterations that contributed
+        # Per layer, on the layer's own grid (not resampled): the sum of its maps and its number of calls.
+        self.by_layer: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def add(self, probs: torch.Tensor) -> None:
+    def add(self, probs: torch.Tensor, layer: str | None = None) -> None:
         """probs: (n, heads, N, L) attention probabilities of one layer call (conditional rows only)."""
         n, _, tokens, length = probs.shape
         h, w = self.latent_size
@@ -92,10 +104,17 @@ class AttentionStore:
         if side[0] * side[1] != tokens:  # an odd size the UNet padded: not a grid we can place
             return
         maps = probs.float().mean(dim=1).transpose(1, 2).reshape(n, length, *side)  # (n, L, h', w')
+        if layer is not None:
+            total, count = self.by_layer.get(layer, (0, 0))
+            self.by_layer[layer] = (total + maps, count + 1)
         if side != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
+
+    def layer_maps(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """Per layer, (n, k, h', w'): its average attention to each of `positions`, on its own grid."""
+        return {layer: (total / count)[:, positions].cpu() for layer, (total, count) in self.by_layer.items()}
 
     def token_maps(self) -> torch.Tensor:
         """(n, L, gh, gw): the average map of every token position (zeros when nothing was captured)."""
@@ -112,9 +131,9 @@ class CaptureAttnProcessor(AttnProcessor2_0):
     while `store.active`.
     """
 
-    def __init__(self, store: AttentionStore):
+    def __init__(self, store: AttentionStore, layer: str | None = None):
         super().__init__()
-        self.store = store
+        self.store, self.layer = store, layer
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
@@ -128,7 +147,7 @@ class CaptureAttnProcessor(AttnProcessor2_0):
             query = attn.head_to_batch_dim(attn.to_q(hidden_states[rows]))
             key = attn.head_to_batch_dim(attn.to_k(context))
             probs = attn.get_attention_scores(query, key, None)  # (n * heads, N, L)
-            store.add(probs.reshape(store.num_images, attn.heads, *probs.shape[1:]))
+            store.add(probs.reshape(store.num_images, attn.heads, *probs.shape[1:]), self.layer)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
@@ -142,6 +161,10 @@ class SubjectAttention:
         positions: each subject's token position in the prompt ids.
         layers: the attention layers averaged.
         steps: the subject-conditioned iterations averaged.
+        regions: with a layout, (n_images, k_subjects, h, w) bool: each subject's region on the maps' grid (its
+            box, or what automatic separation assigned it); None without one.
+        boxes: with a layout, each subject's box as given (None for a free subject).
+        layer_maps: per captured layer, (n_images, k_subjects, h', w') on that layer's own grid.
     """
 
     maps: torch.Tensor
@@ -149,6 +172,9 @@ class SubjectAttention:
     positions: list[int]
     layers: list[str]
     steps: int
+    regions: torch.Tensor | None = None
+    boxes: list | None = None
+    layer_maps: dict[str, torch.Tensor] | None = None
 
 
 @contextmanager
@@ -157,66 +183,8 @@ def capture_attention(
     factors: Sequence[int] = DEFAULT_FACTORS,
 ) -> Iterator[tuple[AttentionStore, list[str]]]:
     """Install `CaptureAttnProcessor` on the chosen layers for the duration of the block, then restore."""
-    unet = unwrap_module(unet)
     names = attention_layers(unet, factors)
     store = AttentionStore(num_images, latent_size, min(factors), cond_offset)
-    original = unet.attn_processors
-    capture = CaptureAttnProcessor(store)
-    if any(type(original[n]) is not AttnProcessor2_0 for n in names):
-        # Another processor (xformers, a custom one) would be replaced by SDPA: the output could change.
-        logger.warning("attention capture replaces non-default processors on %d layers", len(names))
-    unet.set_attn_processor({name: capture if name in names else proc for name, proc in original.items()})
-    try:
+    with use_processors(unet, {name: CaptureAttnProcessor(store, name) for name in names}):
         yield store, names
-    finally:
-        unet.set_attn_processor(original)
 
-
-# -- drawing -----------------------------------------------------------------------------------------------
-
-def normalise(maps: torch.Tensor) -> np.ndarray:
-    """(k, h, w) -> float32 in [0, 1], each map stretched from its own minimum to its own peak (a flat map -> 0).
-
-    Attention to a token is spread thinly over the whole image; stretching shows where it is relatively strong.
-    """
-    array = maps.float().clamp(min=0).numpy()
-    flat = array.reshape(array.shape[0], -1)
-    low, high = flat.min(axis=1).reshape(-1, 1, 1), flat.max(axis=1).reshape(-1, 1, 1)
-    span = high - low
-    return np.where(span > 0, (array - low) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
-
-
-def overlay(
-    image: PIL.Image.Image, maps: torch.Tensor, words: Sequence[str], strength: float = 0.7
-) -> PIL.Image.Image:
-    """The image tinted, at each pixel, in the colour of the subject that attends there most, as strongly as it
-    does; with a legend naming each subject. `maps` is (k, h, w)."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    height, width = base.shape[:2]
-    stretched = [np.asarray(PIL.Image.fromarray(m).resize((width, height), PIL.Image.Resampling.BILINEAR))
-                 for m in normalise(maps)]
-    stack = np.clip(np.stack(stretched), 0, 1)  # (k, H, W)
-    winner = stack.argmax(axis=0)
-    weight = (strength * stack.max(axis=0))[..., None]
-    colours = np.array([SUBJECT_COLOURS[k % len(SUBJECT_COLOURS)] for k in range(len(stack))], dtype=np.float32)
-    out = base * (1 - weight) + colours[winner] * weight
-    tinted = PIL.Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-    return with_legend(tinted, words)
-
-
-def with_legend(image: PIL.Image.Image, words: Sequence[str]) -> PIL.Image.Image:
-    """A strip under `image` with a colour swatch and the subject word for each subject."""
-    font = PIL.ImageFont.load_default(size=max(10, image.width // 32))
-    strip = max(18, image.width // 16)
-    canvas = PIL.Image.new("RGB", (image.width, image.height + strip), (255, 255, 255))
-    canvas.paste(image, (0, 0))
-    draw = PIL.ImageDraw.Draw(canvas)
-    x, pad = 4, strip // 5
-    for k, word in enumerate(words):
-        colour = SUBJECT_COLOURS[k % len(SUBJECT_COLOURS)]
-        draw.rectangle([x, image.height + pad, x + strip - 2 * pad, image.height + strip - pad], fill=colour)
-        x += strip - pad
-        label = f"{k + 1}: {word}"
-        draw.text((x, image.height + pad), label, fill=(20, 20, 20), font=font)
-        x += int(draw.textlength(label, font=font)) + 2 * strip // 3
-    return canvas

@@ -5,10 +5,13 @@ Every message names the argument, the value given and what is expected.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import PIL.Image
 
 from ..config import SETTINGS
 from ..inputs.prompt import ParsedPrompt
+from .boxes import box_problem
 
 
 def check_call(
@@ -21,6 +24,7 @@ def check_call(
     alpha: float,
     num_images_per_prompt: int,
     cache_interval: int = 1,
+    boxes: Sequence | None = None,
 ) -> None:
     """Raise `ValueError` for an argument a `FastComposerPipeline` call cannot run with."""
     n = len(groups)
@@ -54,3 +58,17 @@ def check_call(
         )
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be a positive integer but is {num_images_per_prompt!r}")
+    problem = box_problem(boxes, n, height, width)
+    if problem is not None:
+        raise ValueError(BOX_PROBLEMS[problem[0]].format(**problem[1]))
+
+
+# The pipeline's wording of `layout.box_problem`'s reasons (the request layer words them per audience).
+BOX_PROBLEMS = {
+    "not_a_list": "`boxes` must be a list with one (x0, y0, x1, y1) box or None per subject",
+    "too_many": "`boxes` has {n} entries for {subjects} subject(s); give one per subject, in marker order",
+    "not_four": "`boxes` entry {k} must be four numbers (x0, y0, x1, y1) or None",
+    "outside": "box {k} {box} is outside the image: each value is a fraction of width or height, from 0 to 1",
+    "empty": "box {k} {box} is empty or inverted: x1 must be greater than x0, and y1 greater than y0",
+    "too_small": "box {k} is {w_px}x{h_px} px, smaller than one latent cell ({cell} px); make it larger",
+}

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import PIL.Image
@@ -39,6 +39,8 @@ from ..models.postfuse import PostfuseModule
 from .attention import SubjectAttention
 from .checks import check_call
 from .denoising import DelayedConditioning, LoopAddons, LoopSettings, last_text_only_index
+from .layout import Box, normalise_boxes, text_only_positions
+from .layout_attention import LayoutPlan
 from .mmagic import MMagicMixin
 from .output import FastComposerPipelineOutput, placeholder_image
 from .presets import DEFAULT_PRESET, resolve
@@ -106,12 +108,12 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
     def check_inputs(  # type: ignore[override]
         self, parsed: ParsedPrompt, groups: list[list[PIL.Image.Image]], height: int, width: int,
         num_inference_steps: int, guidance_scale: float, alpha: float, num_images_per_prompt: int,
-        callback_on_step_end_tensor_inputs: list[str], cache_interval: int = 1,
+        callback_on_step_end_tensor_inputs: list[str], cache_interval: int = 1, boxes: Sequence | None = None,
     ) -> None:
         """Raise `ValueError` naming the argument, the value given and what is expected (see checks.py)."""
         check_call(
             parsed, groups, height, width, num_inference_steps, guidance_scale, alpha, num_images_per_prompt,
-            cache_interval,
+            cache_interval, boxes,
         )
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
@@ -149,6 +151,15 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
 
     last_text_only_index = staticmethod(last_text_only_index)
 
+    def prepare_layout(self, parsed: ParsedPrompt, boxes: Sequence | None, separate: bool) -> LayoutPlan | None:
+        """The call's layout, with each subject's token position in both prompts; None without boxes or separation."""
+        boxes = normalise_boxes(boxes, parsed.num_subjects)
+        if not separate and all(box is None for box in boxes):
+            return None  # nothing is installed: the loop is exactly the plain one
+        positions = list(parsed.subject_positions)
+        text_positions = text_only_positions(self.tokenizer, parsed.text_only, parsed.input_ids, positions)
+        return LayoutPlan(boxes, bool(separate), positions, text_positions)
+
     def prepare_conditioning(
         self, text_embeds: torch.Tensor, negative_embeds: torch.Tensor, augmented_embeds: torch.Tensor,
         alpha: float, num_inference_steps: int, num_iterations: int, do_cfg: bool,
@@ -185,7 +196,8 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
         Returns the final latents and, with `settings.return_attention`, each subject's attention map.
         """
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        with LoopAddons(self.unet, settings, conditioning, tuple(latents.shape[-2:])) as addons, \
+        with LoopAddons(self.unet, settings, conditioning, tuple(latents.shape[-2:]), latents.device,
+                        conditioning.text.dtype, self.scheduler.config.num_train_timesteps) as addons, \
                 self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -247,6 +259,8 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
         preset: str | None = None,
         cache_interval: int | None = None,
         return_attention: bool = False,
+        boxes: Sequence[Box | None] | None = None,
+        separate: bool = False,
     ) -> FastComposerPipelineOutput | tuple:
         r"""Generate images of the given subjects.
 
@@ -282,6 +296,11 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
                 to the preset's.
             return_attention (`bool`, defaults to False): also return each subject's cross-attention map
                 (`output.attention`, see attention.py). Capturing leaves the images unchanged.
+            boxes (`list`, *optional*): where each subject goes, one per subject in marker order: `(x0, y0, x1, y1)`
+                as fractions of width and height, or None for a free subject (a shorter list leaves the rest
+                free). Attention masks keep each subject in its box and out of the others' (see layout.py).
+            separate (`bool`, defaults to False): keep the subjects apart without boxes: each free subject gets the
+                region its word attends to most during the text-only steps, and the others are shut out of it.
 
         Returns:
             [`FastComposerPipelineOutput`] or `(images, nsfw_content_detected)`.
@@ -298,7 +317,7 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
         groups = subject_groups(subject_images)
         self.check_inputs(
             parsed, groups, height, width, num_inference_steps, guidance_scale, alpha, n, tensor_inputs,
-            plan.cache_interval,
+            plan.cache_interval, boxes,
         )
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -328,14 +347,14 @@ class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, Stab
             # 6. Delayed subject conditioning: which embedding the UNet batch sees, per iteration
             settings = LoopSettings(
                 guidance_scale, n, plan.cache_interval, return_attention, extra_step_kwargs, tensor_inputs,
-                callback_on_step_end, cross_attention_kwargs,
+                callback_on_step_end, cross_attention_kwargs, self.prepare_layout(parsed, boxes, separate),
             )
             conditioning = self.prepare_conditioning(
                 text_embeds, negative_embeds, augmented_embeds, alpha, num_inference_steps, len(timesteps),
                 settings.do_cfg,
             )
 
-            # 7. Denoising loop, with the call's add-ons (feature cache, attention capture) attached
+            # 7. Denoising loop, with the call's add-ons (feature cache, attention capture, layout) attached
             latents, attention = self.denoise(latents, timesteps, conditioning, settings, parsed, num_inference_steps)
 
         # 8. Stopped early: skip the decode (seconds on a CPU) and return nothing

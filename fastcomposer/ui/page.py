@@ -18,6 +18,7 @@ from ..config import SETTINGS, Settings
 from ..generation.estimate import Estimator, Hardware
 from .crops import SubjectLoader
 from .insight import InsightControls, build_insight
+from .layout import LayoutControls, build_layout, wire_layout
 from .photos import PhotoSlots, build_photo_slots, wire_photo_slots
 from .results import ResultsPanel, build_results, restore
 from .settings import SettingsControls, SpeedAdvice, build_settings, build_speed, wire_hint, wire_speed
@@ -63,7 +64,7 @@ def create_demo(
     from ..inputs.faces import default_cropper
     from ..inputs.prompt import load_tokenizer
     from ..models.lora import list_local_loras
-    from ..pipeline.attention import SUBJECT_COLOURS
+    from ..pipeline.overlays import SUBJECT_COLOURS
     from ..pipeline.presets import default_app_preset
     from .gpu import Engine, on_gpu, register, run_generation
     from .run import Handlers
@@ -91,6 +92,7 @@ def create_demo(
             with gr.Column(scale=5):
                 slots = build_photo_slots(limits)
                 controls = build_settings(d, limits, preset, loras)
+                layout = build_layout()
                 insight = build_insight()
                 build_speed(controls, advice, d)
                 with gr.Row():
@@ -102,8 +104,8 @@ def create_demo(
             gr.Examples([[p, [str(assets_dir / a)], [str(assets_dir / b)] if b else None] for p, a, b in EXAMPLES],
                         inputs=[controls.prompt, slots.photos[0], slots.photos[1]],
                         label="Examples (public-domain photos)")
-        _wire(_Page(slots, controls, insight, results, go, stop_btn, handlers, loader, advice, tokenizer, settings,
-                    loras))
+        _wire(_Page(slots, controls, layout, insight, results, go, stop_btn, handlers, loader, advice, tokenizer,
+                    settings, loras))
     demo.assets_dir = assets_dir  # `launch` serves this folder (and no other)
     return demo
 
@@ -114,6 +116,7 @@ class _Page:
 
     slots: PhotoSlots
     controls: SettingsControls
+    layout: LayoutControls
     insight: InsightControls
     results: ResultsPanel
     go: gr.Button
@@ -132,13 +135,15 @@ def _wire(page: _Page) -> None:
     wire_photo_slots(slots, page.loader, c.prompt)
     wire_hint(c, slots.photos, page.tokenizer, page.settings.limits)
     wire_speed(c, page.advice)
+    wire_layout(page.layout, c.prompt, c.width, c.height, slots.photos)
 
     # Generate: the first 11 inputs are also what a restored PNG sets (results.restore keeps this order)
     settings_inputs = [c.prompt, c.negative, c.alpha, c.guidance, c.steps, c.sampler, c.seed, c.num_images, c.width,
                        c.height, slots.face_crop]
     insight = page.insight
     inputs = [*settings_inputs, *slots.photos, *slots.wholes, c.cache_interval, c.lora, c.lora_scale, slots.margin,
-              insight.attention, insight.identity, insight.sweep, results.shown]  # run.py's parameters, in order
+              insight.attention, insight.identity, insight.sweep, page.layout.boxes, page.layout.separate,
+              results.shown]  # run.py's parameters, in order
     outputs = [results.gallery, results.used_seed, results.status, results.shown]
     common = dict(concurrency_id=server.concurrency_id, concurrency_limit=1, validator=handlers.check_before_queue,
                   show_progress_on=[results.gallery])  # one progress bar, on the gallery
@@ -157,5 +162,6 @@ def _wire(page: _Page) -> None:
     results.reuse.click(lambda s: s if s is not None else -1, results.used_seed, c.seed, api_name="reuse_seed",
                         api_visibility="undocumented")
     results.restore_file.upload(lambda path: restore(path, page.loras), results.restore_file,
-                                [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale, slots.margin],
+                                [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale, slots.margin,
+                                 page.layout.boxes, page.layout.separate],
                                 api_name="restore_settings")

@@ -46,6 +46,7 @@ def build_results() -> ResultsPanel:
 def restore(path: str | None, loras: dict) -> tuple:
     """The settings stored in a PNG made here, in the order of the page's settings inputs (see page.py)."""
     from ..generation.metadata import read_record
+    from ..pipeline.boxes import format_boxes
 
     record = read_record(path) if path else None
     if record is None:
@@ -59,4 +60,4 @@ def restore(path: str | None, loras: dict) -> tuple:
     return (record.prompt, record.negative_prompt, record.alpha, record.guidance_scale, record.num_inference_steps,
             record.scheduler, record.seed, record.num_images, record.width, record.height, record.face_crop,
             speed_of(record.scheduler, record.num_inference_steps, record.cache_interval), record.cache_interval,
-            lora, scale, margin)
+            lora, scale, margin, format_boxes(record.boxes), bool(record.separate))

@@ -31,6 +31,7 @@ import gradio as gr
 
 from ..generation.estimate import Estimator, format_seconds, is_zerogpu
 from ..generation.streaming import PreviewEvent, ResultEvent, RunEvent, StepEvent
+from ..pipeline.boxes import parse_boxes_text
 from .gpu import Failed, workload
 from .insight import parse_sweep, result_items, result_status, sweep_problem
 from .photos import photos_of
@@ -39,8 +40,8 @@ from .texts import MAX_SLOTS
 
 STOP_WAIT_S = 120  # Stop waits at most this long for the run to end (one step, or the final decode)
 PREVIEW_EVERY_S = 0.5  # at most two preview updates a second: each one re-sends the gallery
-GENERATE_INPUTS = 27  # the values Generate takes from the page (see page.py); the validator answers each
-PHOTOS_AT, SWEEP_AT = 11, 25  # where photo_1 and alpha_sweep sit among them
+GENERATE_INPUTS = 29  # the values Generate takes from the page (see page.py); the validator answers each
+PHOTOS_AT, SWEEP_AT, LAYOUT_AT = 11, 25, 26  # where photo_1, alpha_sweep and layout_boxes sit among them
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Handlers:
     def check_before_queue(self, prompt, negative, alpha, guidance, steps, sampler, seed, num_images, width, height,
                            face_crop, photo_1, photo_2, photo_3, photo_4, whole_1, whole_2, whole_3, whole_4,
                            cache_interval, lora, lora_scale, crop_margin, attention_maps, identity_check,
-                           alpha_sweep, shown, request: gr.Request):
+                           alpha_sweep, layout_boxes, keep_apart, shown, request: gr.Request):
         """Runs before the job takes a queue slot: refuses a prompt that cannot match the photos, a subject with
         too many photos and a sweep that cannot run.
 
@@ -138,6 +139,10 @@ class Handlers:
             problem = str(e)
         if problem:
             checks[SWEEP_AT] = gr.validate(False, problem)
+        try:
+            parse_boxes_text(layout_boxes)
+        except ValueError as e:
+            checks[LAYOUT_AT] = gr.validate(False, f"layout {e}")
         if all(check["is_valid"] for check in checks):
             self.runs.queued(request.session_hash or "")
         return checks
@@ -146,14 +151,18 @@ class Handlers:
 
     def generate(self, prompt, negative, alpha, guidance, steps, sampler, seed, num_images, width, height,
                  face_crop, photo_1, photo_2, photo_3, photo_4, whole_1, whole_2, whole_3, whole_4, cache_interval,
-                 lora, lora_scale, crop_margin, attention_maps, identity_check, alpha_sweep, shown,
-                 request: gr.Request, progress=gr.Progress()):  # noqa: B008 - gradio's idiom
+                 lora, lora_scale, crop_margin, attention_maps, identity_check, alpha_sweep, layout_boxes,
+                 keep_apart, shown, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - gradio's idiom
         """Yields (gallery, seed used, status, images kept on display)."""
         from ..generation.run import GenerationRequest
 
         session = request.session_hash or ""
         run = self.runs.start(session)  # Stop works from here on
         try:
+            try:
+                boxes = parse_boxes_text(layout_boxes)
+            except ValueError as e:
+                raise gr.Error(f"layout {e}", title="Check the layout") from None
             gen_request = GenerationRequest(
                 prompt=prompt or "", images=[], negative_prompt=negative or "", alpha=alpha,
                 guidance_scale=guidance, num_inference_steps=steps, num_images=num_images, height=height,
@@ -161,6 +170,7 @@ class Handlers:
                 cache_interval=1 if cache_interval is None else cache_interval,
                 crop_margin=None if crop_margin is None else float(crop_margin),
                 attention_maps=bool(attention_maps), identity_check=bool(identity_check),
+                boxes=boxes, separate=bool(keep_apart),
             )
             page = _PageInputs(
                 slots=[photo_1, photo_2, photo_3, photo_4][:MAX_SLOTS],

@@ -140,7 +140,7 @@ def hardware_of(pipe):
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTINGS, **kwargs) -> None:
     """Queue and serve `demo` with the limits in `settings` (see README, "Limits and safety")."""
     from ..models.weights import cache_dir
-    from ..pipeline.attention import SUBJECT_COLOURS
+    from ..pipeline.overlays import SUBJECT_COLOURS
 
     server = settings.server
     demo.queue(max_size=server.queue_max_size, default_concurrency_limit=1, api_open=False)
