@@ -48,6 +48,12 @@ JOBS = [
     ({"id": 7, "prompt": "a man img", "images": ["hopper.jpg"], "preset": "fast", "steps": 3, "seed": 15},
      ["--prompt", "a man img", "--image", "hopper.jpg", "--preset", "fast", "--steps", "3", "--seed", "15",
       "--height", "64", "--width", "64", "--no-face-crop"]),
+    # Layout: a box for the first subject, the second free, kept apart
+    ({"id": "placed", "prompt": "a woman img and a man img", "images": ["astronaut.png", "hopper.jpg"], "seed": 16,
+      "boxes": [[0, 0, 0.5, 1], None], "separate": True},
+     ["--prompt", "a woman img and a man img", "--image", "astronaut.png", "--image", "hopper.jpg", "--seed", "16",
+      "--box", "0,0,0.5,1", "--box", "-", "--separate", "--steps", "2", "--height", "64", "--width", "64",
+      "--no-face-crop"]),
     # No seed anywhere: a random one, recorded (the reference is given it below)
     ({"prompt": "a man img smiling", "images": ["hopper.jpg"]},
      ["--prompt", "a man img smiling", "--image", "hopper.jpg", "--steps", "2", "--height", "64", "--width", "64",
@@ -110,7 +116,7 @@ def single_run(tmp_path_factory):
 def test_outputs_equal_generate_runs_one_by_one(single_run, tmp_path, capsys):
     jobs, out, summary = single_run
     assert summary["totals"] == {"jobs": len(JOBS), "done": len(JOBS), "skipped": 0, "failed": 0}
-    assert list(summary["jobs"]) == job_ids() == ["3", "pair", "several", "two", "7", "8"]
+    assert list(summary["jobs"]) == job_ids() == ["3", "pair", "several", "two", "7", "placed", "9"]
     for (job, flags), job_id in zip(JOBS, job_ids()):
         entry = summary["jobs"][job_id]
         n = job.get("num_images", 1)
@@ -136,6 +142,9 @@ def test_outputs_equal_generate_runs_one_by_one(single_run, tmp_path, capsys):
     assert (read_record(out / "7.png").scheduler, read_record(out / "7.png").num_inference_steps) == ("dpm", 3)
     assert read_record(out / "7.png").cache_interval == 3
     assert read_record(out / "several.png").photos_per_subject == [2]
+    placed = read_record(out / "placed.png")
+    assert placed.boxes == [[0.0, 0.0, 0.5, 1.0], None] and placed.separate is True
+    assert read_record(out / "3.png").boxes is None and read_record(out / "3.png").separate is False
     assert not list(out.glob(".*")), "no temporary or partial files are left"
 
 
@@ -324,8 +333,8 @@ def test_two_processes_split_the_jobs_and_write_what_one_process_writes(single_r
     listed = sorted(name for entry in summary["jobs"].values() for name in entry["files"])
     assert written == sorted([*listed, "summary.json"]) and len(listed) == len(set(listed))
     for job_id, entry in summary["jobs"].items():
-        if job_id == "8":  # the random-seed job: another seed, so other pixels; its seed is still recorded
-            assert read_record(out / "8.png").seed == entry["seed"]
+        if job_id == "9":  # the random-seed job: another seed, so other pixels; its seed is still recorded
+            assert read_record(out / "9.png").seed == entry["seed"]
             continue
         assert entry["seed"] == single_summary["jobs"][job_id]["seed"]
         for name in entry["files"]:

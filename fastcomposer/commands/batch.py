@@ -104,7 +104,7 @@ def expected_settings(job: Job) -> dict:
         "crop_margin": recorded_margin(r),
         "cache_interval": int(r.cache_interval),
         "photos_per_subject": [len(group) for group in job.photos],
-        "boxes": recorded_boxes(r),
+        "boxes": recorded_boxes(r, len(job.photos)),
         "separate": bool(r.separate),
     }
     if r.seed != -1:

@@ -24,6 +24,7 @@ from ..config import SETTINGS, VERSION, Limits
 from ..inputs.faces import DEFAULT_MARGIN
 from ..inputs.prompt import subject_words
 from ..messages import PhotoRef, UserFacingError
+from ..pipeline.boxes import normalise_boxes
 from ..pipeline.overlays import overlay
 from ..pipeline.previews import latents_to_rgb
 from .metadata import GenerationRecord, with_metadata
@@ -214,16 +215,16 @@ def image_records(pipe, request: GenerationRequest, seed: int, subjects: list[li
         cache_interval=int(request.cache_interval), preset=request.preset,
         photos_per_subject=[len(group) for group in subjects],
         loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
-        boxes=recorded_boxes(request), separate=bool(request.separate),
+        boxes=recorded_boxes(request, len(subjects)), separate=bool(request.separate),
     )
     return [replace(base, image_index=k) for k in range(count)]
 
 
-def recorded_boxes(request: GenerationRequest) -> list | None:
+def recorded_boxes(request: GenerationRequest, num_subjects: int) -> list | None:
     """The boxes as the PNG keeps them: one list of four floats (or None) per subject; None without boxes."""
     if request.boxes is None or all(box is None for box in request.boxes):
         return None
-    return [None if box is None else [float(v) for v in box] for box in request.boxes]
+    return [None if box is None else [float(v) for v in box] for box in normalise_boxes(request.boxes, num_subjects)]
 
 
 def attention_overlays(request: GenerationRequest, out, images: list, nsfw: list[bool]) -> list[PIL.Image.Image]:
