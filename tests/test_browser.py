@@ -171,6 +171,59 @@ def test_several_photos_with_thumbnails_crop_boxes_and_attention_at_two_widths(b
     page.close()
 
 
+def test_layout_preset_drag_and_generate_at_two_widths(browser, url, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url, wait_until="load")
+    page.locator("#generate").wait_for(timeout=30_000)
+    upload(page, 1, "astronaut.png")
+    upload(page, 2, "grace_hopper.jpg")
+    page.locator("#prompt textarea").fill("a woman img and a man img in a park")
+    page.get_by_text("2 subjects in prompt · 2 photos ✓").wait_for(timeout=60_000)
+
+    page.get_by_text("Layout: where each person goes").click()
+    page.locator("#layout-preset").get_by_text("Side by side").click()
+    boxes = page.locator("#layout-boxes textarea")
+    page.wait_for_function("document.querySelector('#layout-boxes textarea').value === '0,0,0.5,1 | 0.5,0,1,1'",
+                           timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('#layout-canvas .fc-box').length === 2", timeout=10_000)
+    assert page.locator("#layout-canvas .fc-name").first.inner_text() == "1: woman"
+
+    # Drag the man's box by its corner: up and to the left, so it ends at about 3/4 of the width and height
+    page.locator("#layout-canvas").scroll_into_view_if_needed()  # mouse coordinates are the viewport's
+    handle = page.locator("#layout-canvas .fc-box[data-k='1'] .fc-handle").bounding_box()
+    stage = page.locator("#layout-canvas .fc-stage").bounding_box()
+    page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(stage["x"] + 0.75 * stage["width"], stage["y"] + 0.75 * stage["height"], steps=8)
+    page.mouse.up()
+    page.wait_for_function(
+        "document.querySelector('#layout-boxes textarea').value.startsWith('0,0,0.5,1 | 0.5,0,0.7')", timeout=10_000)
+    page.wait_for_function("document.querySelector('#layout-preset input[value=custom]').checked", timeout=10_000)
+    # Typing redraws the canvas
+    boxes.fill("0,0,0.4,1 | 0.6,0,1,1")
+    boxes.press("Enter")
+    page.wait_for_function("document.querySelector('#layout-canvas .fc-box[data-k=\"0\"]').style.width === '40%'",
+                           timeout=10_000)
+    page.locator("#keep-apart input[type=checkbox]").check()
+    page.locator("#attention input[type=checkbox]").check()
+    page.get_by_text("Advanced settings").click()
+    for elem, value in (("steps", "2"), ("width", "256"), ("height", "256")):
+        set_number(page, elem, value)
+    page.locator("#generate").click()
+    page.get_by_text("image(s) · seed").wait_for(timeout=120_000)
+    page.locator("#gallery").get_by_text("map of image 1").wait_for(timeout=10_000)
+    page.locator("#layout").scroll_into_view_if_needed()
+    screenshot(page, tmp_path, "layout-1400")
+    page.set_viewport_size({"width": 390, "height": 844})
+    time.sleep(0.5)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    stage = page.locator("#layout-canvas .fc-stage").bounding_box()
+    assert stage["x"] >= 0 and stage["x"] + stage["width"] <= 390
+    page.locator("#layout").scroll_into_view_if_needed()
+    screenshot(page, tmp_path, "layout-390", full_page=False)
+    page.close()
+
+
 IMAGES_LOADED = "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
 
 # Text inside a component that its own box cuts off (the restore drop zone used to lose its lower half)
