@@ -170,6 +170,16 @@ def test_several_photos_per_subject_and_a_sweep_cross_to_the_worker(zerogpu_app,
     assert not multiprocessing.active_children()
 
 
+def test_layout_boxes_and_keep_apart_cross_to_the_worker(zerogpu_app):
+    _, client = zerogpu_app
+    gallery, _, _ = client.predict(**request(prompt="a woman img and a man img", photo_2=photos(HOPPER), seed=4,
+                                             layout_boxes="0,0,0.5,1 | -", keep_apart=True, attention_maps=True),
+                                   api_name="/generate")
+    record = read_record(image_path(gallery[0]))
+    assert record.boxes == [[0.0, 0.0, 0.5, 1.0], None] and record.separate is True
+    assert gallery[1]["caption"] == "map of image 1"
+
+
 def test_a_sweep_reserves_gpu_time_for_every_run():
     from fastcomposer.generation.estimate import Estimator, Hardware
     from fastcomposer.generation.run import GenerationRequest
