@@ -35,6 +35,47 @@ def cache_dir() -> Path:
 _cache_root = cache_dir  # for methods whose `cache_dir` argument shadows the function
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect to the Hub; an answer, even a slow one, means "try it properly"
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_probed: dict[str, tuple[float, str | None]] = {}  # endpoint -> (when, reason); a probe holds for a minute
+
+
+def hub_unreachable(ttl_s: float = 60.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached at all, or None when it might be.
+
+    huggingface_hub retries a failed request five times with pauses of up to 8 s, whatever the error, so an
+    offline machine waited half a minute for each file before falling back. Retrying helps when the Hub answers
+    with an error, not when its name does not resolve or nothing listens: those two are checked here, in
+    milliseconds, so callers go straight to their offline path. Anything else (a slow answer, a proxy in the way,
+    HF_HUB_OFFLINE set by the user, which huggingface_hub honours itself) returns None and is left to the library.
+    """
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in _PROXY_VARS):  # the proxy resolves and connects, not this machine
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or (80 if endpoint.startswith("http:") else 443)
+    cached = _probed.get(endpoint)
+    if cached is not None and time.monotonic() - cached[0] < ttl_s:
+        return cached[1]
+    reason = None
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4]
+        with socket.create_connection(address[:2], timeout=HUB_PROBE_TIMEOUT_S):
+            pass
+    except socket.gaierror:
+        reason = f"the name {host} does not resolve (no internet, or no DNS)"
+    except ConnectionRefusedError:
+        reason = f"{host} refused the connection"
+    except OSError as e:  # a timeout or an unreachable network: leave the verdict to the library's own retries
+        logger.debug("Hub probe inconclusive: %s", type(e).__name__)
+    _probed[endpoint] = (time.monotonic(), reason)
+    return reason
+
+
 class DownloadError(RuntimeError):
     """A weights file could not be had or failed its integrity check; the message says how to fix it."""
 

@@ -216,3 +216,16 @@ def test_a_sweep_over_the_compute_budget_is_refused_with_the_numbers(client):
         client.predict(**request(alpha_sweep="low, high"), api_name="/generate")
     gallery, _, _ = client.predict(**request(), api_name="/generate")  # the next request works
     assert len(gallery) == 1
+
+
+def test_a_fractional_seed_is_refused_in_words_and_the_next_request_runs(client, tiny_pipe):
+    """Gradio's Number would round 2.5 to 2 on its own (with `precision=0`): the seed box keeps the value, and the
+    request's check says what is wrong."""
+    with pytest.raises(AppError, match=r"seed must be a whole number from -1 \(random\) to 2147483647, got 2.5"):
+        client.predict(**request(seed=2.5), api_name="/generate")
+    gallery, seed, _ = client.predict(**request(seed=3.0), api_name="/generate")  # a whole number as a float is fine
+    assert seed == 3 and read_record(image_path(gallery[0])).seed == 3
+    from fastcomposer.generation import GenerationError, GenerationRequest, validate
+
+    with pytest.raises(GenerationError, match="`seed` must be a whole number"):
+        validate(GenerationRequest("a woman img", [PIL.Image.new("RGB", (64, 64))], seed=2.5), tiny_pipe.tokenizer)

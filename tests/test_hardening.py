@@ -216,6 +216,39 @@ def test_r14_bounded_queue_says_queue_is_full(fake_app):
     assert all(o in ("ok", "full") for o in outcomes)
 
 
+def test_r14_forty_clients_at_once_find_exactly_the_bound_of_waiting_places(fake_app):
+    """One run holds the pipeline; 39 more clients join in the same instant: exactly `queue_max_size` (16) of them
+    wait, the other 23 are told the queue is full, and nothing waits beyond the bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = FakePipe(step_seconds=0.2)
+    demo, client = fake_app(pipe)
+    first = client.submit(**request(steps=100), api_name="/generate")
+    deadline = time.monotonic() + 30
+    while pipe.calls == 0 and time.monotonic() < deadline:  # the first run is running, out of the queue
+        time.sleep(0.05)
+    with open(ASTRONAUT, "rb") as f:
+        uploaded = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("a.png", f, "image/png")}).json()
+    photo = {"path": uploaded[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}
+    data = ["a woman img reading", "", 0.75, 5.0, 100, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None,
+            None, None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, None]
+    fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
+
+    def join(k: int) -> str:
+        response = httpx.post(demo.local_url + "gradio_api/queue/join", timeout=60,
+                              json={"data": data, "fn_index": fn_index, "session_hash": f"burst-{k}"})
+        return "queued" if response.status_code == 200 else "full" if "Queue is full" in response.text else \
+            f"other: {response.status_code} {response.text[:100]}"
+
+    with ThreadPoolExecutor(max_workers=39) as pool:
+        outcomes = list(pool.map(join, range(39)))
+    assert outcomes.count("queued") == SETTINGS.server.queue_max_size, outcomes
+    assert outcomes.count("full") == 39 - SETTINGS.server.queue_max_size, outcomes
+    status = httpx.get(demo.local_url + "gradio_api/queue/status").json()
+    assert status["queue_size"] == SETTINGS.server.queue_max_size
+    first.cancel()
+
+
 def test_r15_internal_errors_are_hidden_but_gr_errors_are_shown(fake_app):
     pipe = FakePipe(fail=RuntimeError("secret /srv/weights/path"))
     _, client = fake_app(pipe)

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import SETTINGS, VERSION, Limits
+from ..downloads import hub_unreachable
 from ..identity.checker import IdentityChecker, default_checker
 
 logger = logging.getLogger(__name__)
@@ -207,8 +208,9 @@ def load_prompt_scorer(name_or_path: str = CLIP_REPO, device: str = "cpu") -> Pr
     local = Path(name_or_path).is_dir() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "~", "/"))
     revision = None if local else os.environ.get(CLIP_REVISION_ENV) or "main"
     try:
-        model = CLIPModel.from_pretrained(name_or_path, revision=revision)
-        processor = CLIPProcessor.from_pretrained(name_or_path, revision=revision)
+        offline = hub_unreachable() is not None and not Path(name_or_path).is_dir()
+        model = CLIPModel.from_pretrained(name_or_path, revision=revision, local_files_only=offline)
+        processor = CLIPProcessor.from_pretrained(name_or_path, revision=revision, local_files_only=offline)
     except (OSError, ValueError) as e:
         from huggingface_hub.constants import HF_HUB_CACHE
 

@@ -98,6 +98,7 @@ class Workload:
     num_images: int
     photos: int = 1  # subject photos through CLIP ViT-L/14
     guidance: bool = True  # classifier-free guidance doubles the UNet batch
+    schedule: tuple[bool, ...] = ()  # per iteration: a full UNet pass (True) or a cached one; () = all full
 
     @classmethod
     def of(
@@ -117,8 +118,13 @@ class Workload:
         switch = (1.0 - float(alpha)) * int(steps)  # the pipeline's last text-only index
         first_subject = next((i for i in range(iterations) if i > switch), None)
         interval = max(1, int(cache_interval))
-        full = sum(1 for i in range(iterations) if _is_full_pass(i, interval, first_subject))
-        return cls(iterations, full, int(width), int(height), int(num_images), int(photos), guidance_scale > 1.0)
+        schedule = tuple(_is_full_pass(i, interval, first_subject) for i in range(iterations))
+        return cls(iterations, sum(schedule), int(width), int(height), int(num_images), int(photos),
+                   guidance_scale > 1.0, schedule)
+
+    def is_full(self, i: int) -> bool:
+        """Whether iteration `i` runs the whole UNet."""
+        return self.schedule[i] if i < len(self.schedule) else True
 
     @property
     def step_units(self) -> float:
@@ -143,7 +149,9 @@ class Estimator:
     def __init__(self, hardware: Hardware):
         self.hardware = hardware
         self.model = cost_model(hardware)
-        self.speed = 1.0  # measured time / modelled time, averaged over runs (1.0 before the first)
+        self.speed = 1.0  # measured time / modelled time of a full UNet iteration, averaged over runs (1.0 before)
+        self.cached_ratio = CACHED_STEP_COST  # a cached iteration over a full one, as measured here
+        self.tail_scale = 1.0  # the decode, safety check and PNGs after the loop: measured / modelled
         self.runs = 0  # runs observed
         self._lock = threading.Lock()
 
@@ -161,27 +169,57 @@ class Estimator:
         cfg = 1.0 if work.guidance else 0.5
         return m.step_512 * pixels**m.size_exponent * batch * cfg * self._threads_factor()
 
+    def loop_units(self, work: Workload) -> float:
+        """The loop's cost in full UNet passes, with this machine's cost of a cached one."""
+        return work.full_passes + self.cached_ratio * (work.iterations - work.full_passes)
+
+    def full_step_seconds(self, work: Workload) -> float:
+        """One full UNet iteration of `work` on this machine."""
+        return self.speed * self._step_seconds(work)
+
     def iteration_seconds(self, work: Workload) -> float:
         """The average loop iteration of `work` on this machine (cached iterations included)."""
-        return self.speed * self._step_seconds(work) * work.step_units / max(1, work.iterations)
+        return self.full_step_seconds(work) * self.loop_units(work) / max(1, work.iterations)
+
+    def tail_seconds(self, work: Workload) -> float:
+        """After the loop: the VAE decode of every image, the safety checker, the PNGs (this machine's, once seen)."""
+        m = self.model
+        pixels = work.width * work.height / 512**2
+        return self.tail_scale * (m.decode_512 * pixels * work.num_images + m.fixed) * self._threads_factor()
 
     def seconds(self, work: Workload) -> float:
         """The whole call: photos, loop, decode and the rest."""
-        m = self.model
-        pixels = work.width * work.height / 512**2
-        around = (m.encode_photo * work.photos + m.decode_512 * pixels * work.num_images + m.fixed)
-        loop = self._step_seconds(work) * work.step_units
-        return self.speed * (loop + around * self._threads_factor())
+        photos = self.speed * self.model.encode_photo * work.photos * self._threads_factor()
+        return photos + self.full_step_seconds(work) * self.loop_units(work) + self.tail_seconds(work)
+
+    def observe_run(self, work: Workload, full_step: float | None, cached_step: float | None = None,
+                    tail: float | None = None) -> None:
+        """Fold one run's measured costs in: a full iteration, a cached one and the tail after the loop (seconds;
+        None for what the run did not show)."""
+        with self._lock:
+            self.runs += 1
+            weight = max(1.0 / self.runs, MIN_OBSERVATION_WEIGHT)
+            if _usable(full_step):
+                self.speed += weight * (full_step / self._step_seconds(work) - self.speed)
+                if _usable(cached_step):
+                    self.cached_ratio += weight * (min(1.0, cached_step / full_step) - self.cached_ratio)
+            modelled_tail = self.tail_seconds(work) / self.tail_scale
+            if _usable(tail) and modelled_tail > 0:
+                self.tail_scale += weight * (tail / modelled_tail - self.tail_scale)
 
     def observe(self, work: Workload, seconds_per_iteration: float) -> None:
-        """Fold one run's measured seconds per loop iteration into the running average."""
-        modelled = self._step_seconds(work) * work.step_units / max(1, work.iterations)
+        """Fold one run's measured seconds per loop iteration (all kinds averaged) into the running average."""
+        modelled = self._step_seconds(work) * self.loop_units(work) / max(1, work.iterations)
         if not (seconds_per_iteration > 0 and math.isfinite(seconds_per_iteration)) or modelled <= 0:
             return
         with self._lock:
             self.runs += 1
             weight = max(1.0 / self.runs, MIN_OBSERVATION_WEIGHT)
             self.speed += weight * (seconds_per_iteration / modelled - self.speed)
+
+
+def _usable(seconds: float | None) -> bool:
+    return seconds is not None and seconds > 0 and math.isfinite(seconds)
 
 
 def format_seconds(seconds: float) -> str:

@@ -171,7 +171,7 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
          "{guidance_scale} must be between {lo} and {hi}, got {value}",
          lo=limits.min_guidance, hi=limits.max_guidance, value=r.guidance_scale)
     need(_is_int(r.seed) and (r.seed == -1 or 0 <= r.seed <= limits.max_seed),
-         "{seed} must be -1 (random) or a whole number from 0 to {hi}, got {value}", hi=limits.max_seed, value=r.seed)
+         "{seed} must be a whole number from -1 (random) to {hi}, got {value}", hi=limits.max_seed, value=r.seed)
     need(r.scheduler in SCHEDULERS, "unknown {scheduler} {value!r}; choose one of {choices}",
          value=r.scheduler, choices=", ".join(SCHEDULERS))
     need(_is_int(r.cache_interval) and 1 <= r.cache_interval <= limits.max_cache_interval,

@@ -58,6 +58,7 @@ class ResultEvent:
     """The run ended: with images, or `result.interrupted` when it was stopped."""
 
     result: GenerationResult
+    elapsed: float = 0.0  # seconds since the stream started, as `StepEvent.elapsed`
 
 
 @dataclass
@@ -117,7 +118,7 @@ def stream_generation(
         try:
             result = generate(pipe, request, subjects=subjects, on_step=on_step,
                               on_preview=on_preview if previews else None, stop=stop, limits=limits)
-            events.put(ResultEvent(result))
+            events.put(ResultEvent(result, time.monotonic() - start))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             events.put(_Failure(e))
         finally:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..downloads import hub_unreachable
 from ..messages import UserFacingError, Wording, escape
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def lora_file(lora: LoraSpec, allow_download: bool = True) -> Path:
         try:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(lora.source, filename, local_files_only=not allow_download))
+            offline = not allow_download or hub_unreachable() is not None
+            return Path(hf_hub_download(lora.source, filename, local_files_only=offline))
         except Exception as e:  # offline, missing repo or file, auth: all end the same way for the user
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}"
             failed = f"the LoRA {lora.source}/{filename} could not be downloaded from the Hugging Face Hub"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config
-from ..downloads import cache_dir
+from ..downloads import cache_dir, hub_unreachable
 from ..messages import UserFacingError, Wording
 
 logger = logging.getLogger(__name__)
@@ -111,15 +111,19 @@ def download_checkpoint(revision: str) -> Path:
     Raises:
         `WeightsUnavailableError` with the reason and the manual alternative.
     """
+    offline = hub_unreachable()
     try:
         from huggingface_hub import hf_hub_download
 
+        if offline:  # only what the Hugging Face cache already holds: no retries against a missing network
+            return Path(hf_hub_download(config.CHECKPOINT_REPO, config.CHECKPOINT_FILE, revision=revision,
+                                        local_files_only=True))
         logger.info("downloading %s/%s at %s (4.5 GB, once)", config.CHECKPOINT_REPO, config.CHECKPOINT_FILE, revision)
         return Path(hf_hub_download(config.CHECKPOINT_REPO, config.CHECKPOINT_FILE, revision=revision))
     except Exception as e:  # network, auth, disk: all end the same way for the user
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no details'}"
+        reason = offline or f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no details'}"
         raise WeightsUnavailableError(  # the page gets only the error's type: its text can hold cache paths
-            DOWNLOAD_FAILED, reason=reason, error=type(e).__name__, file=config.CHECKPOINT_FILE,
+            DOWNLOAD_FAILED, reason=reason, error=offline or type(e).__name__, file=config.CHECKPOINT_FILE,
             url=f"https://huggingface.co/{config.CHECKPOINT_REPO}", supply=SUPPLY_WEIGHTS,
         ) from e
 

@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPImageProcessor
 
 from .. import config
+from ..downloads import hub_unreachable
 from ..inputs.prompt import load_tokenizer
 from ..messages import Wording
 from ..models.architecture import Architecture, build_modules, bundled_architecture, tiny_architecture, with_overrides
@@ -66,7 +67,8 @@ def load_safety_checker(dtype: torch.dtype, allow_download: bool = True):
     revision = os.environ.get("FASTCOMPOSER_SAFETY_REVISION") or config.SAFETY_CHECKER_REVISION
     try:
         return StableDiffusionSafetyChecker.from_pretrained(
-            config.SAFETY_CHECKER_REPO, revision=revision, dtype=dtype, local_files_only=not allow_download
+            config.SAFETY_CHECKER_REPO, revision=revision, dtype=dtype,
+            local_files_only=not allow_download or hub_unreachable() is not None,
         )
     except Exception as e:
         raise WeightsUnavailableError(SAFETY_CHECKER_MISSING, repo=config.SAFETY_CHECKER_REPO,

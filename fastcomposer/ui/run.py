@@ -31,6 +31,7 @@ import gradio as gr
 
 from ..generation.estimate import Estimator, format_seconds, is_zerogpu
 from ..generation.streaming import PreviewEvent, ResultEvent, RunEvent, StepEvent
+from ..generation.time_left import RunClock
 from ..pipeline.boxes import parse_boxes_text
 from .gpu import Failed, workload
 from .insight import parse_sweep, result_items, result_status, sweep_problem
@@ -236,12 +237,11 @@ class Handlers:
         """Yields preview updates; returns (the finished runs' results, the last preview event, stopped)."""
         progress(0, desc="waiting for a GPU" if is_zerogpu() else "starting")
         runs = len(alphas) if alphas else 1
-        per_step = self.estimator.iteration_seconds(workload(request, subjects))
+        work = workload(request, subjects)
+        clock = RunClock(self.estimator, work)  # what this run has left (see time_left.py)
         sweep: RunEvent | None = None
         results: list = []
         kept: list = []  # the finished alphas of a sweep, shown while the next ones run
-        first: tuple[float, StepEvent] | None = None
-        last: StepEvent | None = None
         preview: PreviewEvent | None = None
         bar: dict = {}  # the progress bar's last state
         shown_at = 0.0
@@ -252,10 +252,10 @@ class Handlers:
                         yield shown, gr.update(), gr.update(), shown
                     raise gr.Error(event.message, title=event.title)
                 if isinstance(event, RunEvent):
-                    sweep, first, last, preview = event, None, None, None
+                    sweep, preview, clock = event, None, RunClock(self.estimator, work)
                     run.done, run.alpha = 0, event.alpha
                 elif isinstance(event, ResultEvent):
-                    self._observe(request, subjects, first, last)
+                    clock.finish(event.elapsed)
                     if event.result.interrupted:
                         return results, preview, True
                     results.append(event.result)
@@ -264,14 +264,13 @@ class Handlers:
                     kept = result_items(results, alphas)
                     yield kept + shown, event.result.seed, gr.update(), shown
                 elif isinstance(event, StepEvent):
-                    run.done, run.total, last = event.done, event.total, event
-                    first = first or (time.monotonic(), event)
-                    if event.done > first[1].done:  # measured from here on, not from the estimate
-                        per_step = (time.monotonic() - first[0]) / (event.done - first[1].done)
+                    run.done, run.total = event.done, event.total
+                    clock.step(event.done, event.elapsed)
+                    later = runs - (sweep.index + 1 if sweep else 1)  # a sweep's runs still to come
+                    left = clock.seconds_left() + later * clock.run_seconds()
                     done = (sweep.index if sweep else 0) * event.total + event.done  # over the whole sweep
                     bar = dict(progress=(done, runs * event.total), unit="steps",
-                               desc=progress_text(event.done, event.total, per_step * (runs * event.total - done),
-                                                  sweep))
+                               desc=progress_text(event.done, event.total, left, sweep))
                     progress(**bar)
                 elif isinstance(event, PreviewEvent):
                     preview = event
@@ -285,12 +284,6 @@ class Handlers:
                 if run.stop.is_set():
                     return results, preview, True
         return results, preview, True
-
-    def _observe(self, request, subjects, first, last) -> None:
-        """This machine's seconds per iteration into the estimate (the first iteration is left out: warm-up)."""
-        if first is not None and last is not None and last.done - first[1].done >= 2:
-            per_iteration = (last.elapsed - first[1].elapsed) / (last.done - first[1].done)
-            self.estimator.observe(workload(request, subjects), per_iteration)
 
     @staticmethod
     def _stopped(run: Run, shown: list, preview: PreviewEvent | None, results: list, alphas: list | None):

@@ -144,6 +144,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
 
     server = settings.server
     demo.queue(max_size=server.queue_max_size, default_concurrency_limit=1, api_open=False)
+    bound_queue(demo)
     blocked = [str(cache_dir()), str(Path.home() / ".cache" / "huggingface"), str(PACKAGE_DIR),
                str(REPO_ROOT / "app.py")]
     if args.weights and args.weights != "tiny":
@@ -160,6 +161,27 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         css=kwargs.pop("css", page_css(SUBJECT_COLOURS)),
         **kwargs,
     )
+
+
+def bound_queue(demo: gr.Blocks) -> None:
+    """Make the queue's `max_size` a real bound: at most that many requests wait (the running one aside).
+
+    Gradio 6.31 checks the bound when a request joins, then awaits the request's validator, then appends it. Joins
+    arriving together all pass the check before any is appended: 40 at once left 24 waiting behind a bound of 16.
+    Joins are therefore taken one at a time here, check, validator and append together. A validator takes
+    milliseconds (it counts `img` markers), so a burst of joins waits that long, not a run's length.
+    """
+    import asyncio
+
+    queue = demo._queue
+    push = queue.push
+    lock = asyncio.Lock()
+
+    async def one_at_a_time(*args, **kwargs):
+        async with lock:
+            return await push(*args, **kwargs)
+
+    queue.push = one_at_a_time
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

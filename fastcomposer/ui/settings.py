@@ -108,7 +108,9 @@ def build_settings(d: GenerationDefaults, limits: Limits, preset: str, loras: di
             width = gr.Slider(limits.min_side, limits.max_side, value=d.width, step=64, label="Width", elem_id="width")
             height = gr.Slider(limits.min_side, limits.max_side, value=d.height, step=64, label="Height",
                                elem_id="height")
-        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1, maximum=limits.max_seed)
+        # No `precision`: Gradio would round 2.5 to 2 before our check could refuse it (see generation/request.py)
+        seed = gr.Number(value=-1, label="Seed (-1: random)", minimum=-1, maximum=limits.max_seed, step=1,
+                         elem_id="seed")
     return SettingsControls(prompt, hint, alpha, num_images, lora, lora_scale, negative, sampler, steps,
                             cache_interval, guidance, width, height, seed)
 
