@@ -80,8 +80,31 @@ def face_free_photos(rng: np.random.Generator) -> list[Image.Image]:
     return out + list(backgrounds(rng).values())
 
 
+def mtcnn_figures(cases, empty) -> dict:
+    """MTCNN (the offline detector before the Haar cascades) on the same photos, and the bundled portraits."""
+    cropper = faces.FaceCropper(allow_download=False, detector="mtcnn")
+    assert cropper.detector_name == "mtcnn"
+    found, seconds = {}, []
+    for label, photo, (cx, cy) in cases:
+        counts = found.setdefault(label, {"found": 0, "photos": 0})
+        counts["photos"] += 1
+        start = time.perf_counter()
+        detected = cropper.detect(photo)
+        seconds.append(time.perf_counter() - start)
+        if detected:
+            x0, y0, x1, y1 = max((f.box for f in detected), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+            counts["found"] += x0 <= cx <= x1 and y0 <= cy <= y1
+    false_faces = sum(bool(cropper.detect(p)) for p in empty)
+    bundled = {name: [f.box for f in cropper.detect(load(name))] for name in
+               ("astronaut.png", "grace_hopper.jpg", "camera.png")}
+    return {"found_total": sum(c["found"] for c in found.values()), "photos": len(cases),
+            "face_free_with_a_face_found": false_faces, "bundled_portraits": bundled,
+            "seconds_per_1600x1200_photo": {"median_s": round(statistics.median(seconds), 3),
+                                           "max_s": round(max(seconds), 3)}}
+
+
 def main() -> None:
-    cropper = faces.FaceCropper(allow_download=False)
+    cropper = faces.FaceCropper(allow_download=False, detector="opencv")
     assert cropper.detector_name == "opencv"
     cascades = cropper._model
     rng = np.random.default_rng(0)
@@ -122,6 +145,9 @@ def main() -> None:
         "crop_time_photos_with_faces": timed([p for _, p, _ in cases]),
         "crop_time_95px_face": timed([p for label, p, _ in cases if " 95px " in label]),
         "crop_time_face_free": timed(empty),
+        "mtcnn": mtcnn_figures(cases, empty),
+        "haar_on_bundled_portraits": {name: detectors._detect_opencv(cascades, load(name)) for name in
+                                      ("astronaut.png", "grace_hopper.jpg", "camera.png")},
         "cpu_count": os.cpu_count(),
         "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
     }

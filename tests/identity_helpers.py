@@ -15,6 +15,6 @@ def stand_in_embedder(seed: int = 0) -> torch.nn.Module:
 
 
 def offline_checker(model: torch.nn.Module | None = None, cache_dir=None) -> IdentityChecker:
-    """A checker that never downloads: OpenCV faces, and `model` (or only cached ArcFace weights)."""
+    """A checker that never downloads: MTCNN faces (shipped weights), and `model` (or only cached ArcFace weights)."""
     return IdentityChecker(cropper=FaceCropper(allow_download=False), cache_dir=cache_dir, allow_download=False,
                            model=model)

@@ -43,7 +43,8 @@ def _isolated(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def fallback() -> FaceCropper:
-    return FaceCropper(allow_download=False)
+    """OpenCV's Haar cascades: the last resort, asked for by name (offline, MTCNN comes before it)."""
+    return FaceCropper(allow_download=False, detector="opencv")
 
 
 def load(name: str) -> Image.Image:
@@ -257,7 +258,7 @@ def test_weights_with_a_different_pinned_hash_are_refused(tmp_path, monkeypatch,
     assert hashlib.sha256(b"not the RetinaFace weights").hexdigest() in str(info.value)
     assert "ab" * 32 in str(info.value) and weights.exists(), "a file we did not download is left alone"
     with caplog.at_level(logging.WARNING, logger="fastcomposer.inputs.faces"):
-        assert FaceCropper(cache_dir=tmp_path, allow_download=False).detector_name == "opencv"
+        assert FaceCropper(cache_dir=tmp_path, allow_download=False).detector_name == "mtcnn"  # the next one
     assert "refusing" in caplog.text
 
 
@@ -282,7 +283,7 @@ def test_offline_download_fails_fast_and_falls_back(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with caplog.at_level(logging.WARNING, logger="fastcomposer.inputs.faces"):
         cropper = FaceCropper(cache_dir=tmp_path)
-        assert cropper.crop(load("astronaut.png")).detector == "opencv"
+        assert cropper.crop(load("astronaut.png")).detector == "mtcnn"  # the offline detector after RetinaFace
         cropper.crop(load("grace_hopper.jpg"))
     assert calls == [(detectors.WEIGHTS_URL, detectors.DOWNLOAD_TIMEOUT_S)] and detectors.DOWNLOAD_TIMEOUT_S <= 10
     assert caplog.text.count("unavailable") == 1 and "URLError" in caplog.text
@@ -353,12 +354,12 @@ def test_retinaface_without_faces_raises(random_weights, monkeypatch):
 
 
 def test_an_opencv_without_cascades_gives_a_clear_error(monkeypatch):
-    """OpenCV 5 dropped CascadeClassifier; with no RetinaFace either, the user is told what to do."""
+    """OpenCV 5 dropped CascadeClassifier; asked for the Haar cascades, the user is told what to do."""
     import types
 
     fake_cv2 = types.SimpleNamespace(__version__="5.0.0")
     monkeypatch.setitem(__import__("sys").modules, "cv2", fake_cv2)
-    cropper = FaceCropper(allow_download=False)
+    cropper = FaceCropper(allow_download=False, detector="opencv")
     with pytest.raises(detectors.FaceDetectorUnavailableError, match="opencv-python<5"):
         cropper.crop(Image.new("RGB", (200, 200)), name="photo 1")
     assert isinstance(detectors.FaceDetectorUnavailableError("x"), ValueError)  # callers report it like bad input

@@ -47,6 +47,7 @@ from PIL import Image
 from ..config import SETTINGS, VERSION, Limits
 from ..downloads import hub_unreachable
 from ..identity.checker import IdentityChecker, default_checker
+from ..identity.matching import greedy_identity
 
 logger = logging.getLogger(__name__)
 
@@ -157,21 +158,6 @@ def load_cases(cases_dir: str | os.PathLike) -> list[Case]:
 
 
 # --- the two scores ------------------------------------------------------------------------------------
-
-
-def greedy_identity(similarity: np.ndarray, num_subjects: int) -> tuple[float, list[float]]:
-    """The authors' multi-subject identity score from a `(faces, subjects)` cosine matrix.
-
-    Repeatedly take the most similar remaining (face, subject) pair and remove both; a subject left without a
-    face gets 0. Returns the image's score, max(0, the minimum over subjects), and each subject's value.
-    """
-    sim = np.array(similarity, dtype=np.float64).reshape(-1, num_subjects)
-    per_subject = [0.0] * num_subjects
-    for _ in range(min(sim.shape)):
-        i, j = np.unravel_index(np.argmax(sim), sim.shape)
-        per_subject[j] = float(sim[i, j])
-        sim[i, :], sim[:, j] = -np.inf, -np.inf
-    return max(0.0, min(per_subject)), per_subject
 
 
 def identity_score(checker: IdentityChecker, image: Image.Image, references: np.ndarray) -> dict:

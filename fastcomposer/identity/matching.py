@@ -85,3 +85,18 @@ def subject_names(prompt: str, count: int) -> list[str]:
     if len(words) != count or not all(words):
         return [f"subject {k + 1}" for k in range(count)]
     return [f"{w}#{k + 1}" if words.count(w) > 1 else w for k, w in enumerate(words)]
+
+
+def greedy_identity(similarity: np.ndarray, num_subjects: int) -> tuple[float, list[float]]:
+    """The authors' multi-subject identity score from a `(faces, subjects)` cosine matrix.
+
+    Repeatedly take the most similar remaining (face, subject) pair and remove both; a subject left without a
+    face gets 0. Returns the image's score, max(0, the minimum over subjects), and each subject's value.
+    """
+    sim = np.array(similarity, dtype=np.float64).reshape(-1, num_subjects)
+    per_subject = [0.0] * num_subjects
+    for _ in range(min(sim.shape)):
+        i, j = np.unravel_index(np.argmax(sim), sim.shape)
+        per_subject[j] = float(sim[i, j])
+        sim[i, :], sim[:, j] = -np.inf, -np.inf
+    return max(0.0, min(per_subject)), per_subject

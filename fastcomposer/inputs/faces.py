@@ -23,15 +23,18 @@ from PIL import Image
 
 from ..messages import PhotoRef, UserFacingError, Wording
 from .face_detectors import (
+    _NO_DETECTOR,
+    DETECTORS,
     Box,
     DetectedFace,
     FaceDetectorUnavailableError,
     FaceWeightsError,
     _detect_opencv,
-    _detect_retinaface,
     _load_cascades,
+    _mtcnn_faces,
     _retinaface_faces,
     fetch_weights,
+    load_mtcnn,
     load_retinaface,
 )
 
@@ -40,7 +43,7 @@ __all__ = ["Box", "DetectedFace", "FaceCrop", "FaceCropper", "FaceDetectorUnavai
 
 logger = logging.getLogger(__name__)
 
-DETECTOR_ENV = "FASTCOMPOSER_FACE_DETECTOR"  # "opencv" skips RetinaFace (CI, air-gapped servers)
+DETECTOR_ENV = "FASTCOMPOSER_FACE_DETECTOR"  # retinaface | mtcnn | opencv: the detector to start from
 DEFAULT_MARGIN = 2.6  # crop side / face width: head, hair and some shoulders on the bundled portraits
 # The sensible range for a per-photo margin control: below ~1.4 the crop cuts into the hair and chin, above ~3.2
 # a face that is small in the photo leaves the encoder little of itself. The model was trained on loose crops.
@@ -55,7 +58,7 @@ class FaceCrop:
     box: Box  # the crop box (x0, y0, x1, y1) in the source photo
     face_box: Box  # the detected face the crop was built around (the largest one), in the source photo
     num_faces: int  # faces found; more than one means the largest was taken
-    detector: str  # "retinaface" or "opencv"
+    detector: str  # "retinaface", "mtcnn" or "opencv"
 
 
 class NoFaceFoundError(UserFacingError, ValueError):
@@ -112,6 +115,8 @@ class FaceCropper:
         allow_download: False uses only weights already cached, else the OpenCV fallback (tests, CI).
         margin: crop side over face size (see `square_box`), the default for `crop`; from MARGIN_TIGHT_FACE (1.4)
             to MARGIN_HEAD_AND_SHOULDERS (3.2) is the sensible range.
+        detector: the detector to start from ("retinaface", "mtcnn" or "opencv"); by default
+            $FASTCOMPOSER_FACE_DETECTOR, else RetinaFace. A detector that cannot be built hands over to the next.
     """
 
     def __init__(
@@ -120,8 +125,10 @@ class FaceCropper:
         cache_dir: str | os.PathLike | None = None,
         allow_download: bool = True,
         margin: float = DEFAULT_MARGIN,
+        detector: str | None = None,
     ):
         _check_margin(margin)
+        self.wanted = detector
         self.device = device
         self.cache_dir = cache_dir
         self.allow_download = allow_download
@@ -138,25 +145,44 @@ class FaceCropper:
             return self._name
 
     def _ensure_detector(self) -> None:
-        """Build the detector once; called with the lock held."""
+        """Build the detector once; called with the lock held. RetinaFace, else MTCNN, else Haar cascades
+        (`FASTCOMPOSER_FACE_DETECTOR` names the one to start from)."""
         if self._name is not None:
             return
-        try:
-            if os.environ.get(DETECTOR_ENV, "").strip().lower() == "opencv":
-                raise FaceWeightsError(f"{DETECTOR_ENV}=opencv")
-            weights = fetch_weights(self.cache_dir, self.allow_download)
-            import torch
-
-            device = "cpu" if self.device.startswith("cuda") and not torch.cuda.is_available() else self.device
-            self._model, self._name = load_retinaface(weights, device), "retinaface"
-        except Exception as exc:  # noqa: BLE001 - any failure (network, hash, import, torch) must still leave a cropper
-            reason = f"{type(exc).__name__}: {exc}"[:300]
-            logger.warning(
-                "RetinaFace face detector unavailable (%s); using OpenCV's Haar cascades instead, "
-                "which miss more turned and small faces",
-                reason,
+        wanted = (self.wanted or os.environ.get(DETECTOR_ENV, "")).strip().lower() or DETECTORS[0]
+        if wanted not in DETECTORS:
+            raise FaceDetectorUnavailableError(
+                _NO_DETECTOR, problem=f"{DETECTOR_ENV}={wanted!r} is not a face detector",
+                fix=f"set it to one of {', '.join(DETECTORS)} or unset it",
             )
-            self._model, self._name = _load_cascades(), "opencv"
+        for name in DETECTORS[DETECTORS.index(wanted):]:
+            if name == "opencv":
+                self._model, self._name = _load_cascades(), "opencv"
+                return
+            try:
+                self._model, self._name = self._build(name), name
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure (network, hash, import, torch): try the next one
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                later = DETECTORS[DETECTORS.index(name) + 1]
+                logger.warning("%s face detector unavailable (%s); trying %s", name, reason, later)
+
+    def _build(self, name: str):
+        if name == "mtcnn":
+            return load_mtcnn()
+        weights = fetch_weights(self.cache_dir, self.allow_download)
+        import torch
+
+        device = "cpu" if self.device.startswith("cuda") and not torch.cuda.is_available() else self.device
+        return load_retinaface(weights, device)
+
+    def _faces(self, rgb: Image.Image) -> list[DetectedFace]:
+        """Every face by the current detector; called with the lock held."""
+        if self._name == "retinaface":
+            return _retinaface_faces(self._model, rgb)
+        if self._name == "mtcnn":
+            return _mtcnn_faces(self._model, rgb)
+        return [DetectedFace(box, None) for box in _detect_opencv(self._model, rgb)]
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
         """Every face in `image` (any mode), with RetinaFace's score and 5 landmarks when it is the detector.
@@ -166,9 +192,7 @@ class FaceCropper:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         with self._lock:
             self._ensure_detector()
-            if self._name == "retinaface":
-                return _retinaface_faces(self._model, rgb)
-            return [DetectedFace(box, None) for box in _detect_opencv(self._model, rgb)]
+            return self._faces(rgb)
 
     def crop(self, image: Image.Image, name: str | PhotoRef = "the photo", margin: float | None = None) -> FaceCrop:
         """Crop the largest face in `image` with its head and some shoulders.
@@ -188,8 +212,7 @@ class FaceCropper:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         with self._lock:
             self._ensure_detector()
-            detect = _detect_retinaface if self._name == "retinaface" else _detect_opencv
-            faces = detect(self._model, rgb)
+            faces = [face.box for face in self._faces(rgb)]
             detector = self._name
         if not faces:
             raise NoFaceFoundError(name)
