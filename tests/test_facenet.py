@@ -103,7 +103,7 @@ def test_the_paper_score_written_out(seeded):
     assert result["subjects"] == pytest.approx([per_subject[0], per_subject[1]])
     assert result["num_faces"] == len(boxes) >= 2
     blank = scorer.score(Image.new("RGB", (256, 256), (90, 90, 90)), refs)
-    assert blank == {"identity": 0.0, "subjects": [0.0, 0.0], "num_faces": 0}
+    assert blank == {"identity": 0.0, "subjects": [0.0, 0.0], "num_faces": 0, "blended": False}
     one = scorer.score(photos["astronaut.png"], refs)  # one face for two subjects: the other scores 0
     assert one["identity"] == 0.0 and max(one["subjects"]) > 0
 

@@ -134,4 +134,4 @@ def test_the_order_and_the_setting(monkeypatch, tmp_path):
     assert FaceCropper(allow_download=False).detector_name == "mtcnn"
     monkeypatch.setenv(faces.DETECTOR_ENV, "dlib")
     with pytest.raises(detectors.FaceDetectorUnavailableError, match="retinaface, mtcnn, opencv"):
-        FaceCropper(allow_download=False).detector_name
+        _ = FaceCropper(allow_download=False).detector_name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from ..messages import message_for
 from ..pipeline.schedulers import SCHEDULERS
@@ -32,8 +33,19 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     from ..evaluation.runner import CLIP_REPO, EvaluationSettings
 
     d = EvaluationSettings()
-    e.add_argument("cases", metavar="CASES_DIR",
+    e.add_argument("cases", metavar="CASES_DIR", nargs="?", default=None,
                    help="one folder per case: prompts.txt and photos 1.jpg, 2.jpg, ... (or folders 1/, 2/)")
+    e.add_argument("--builtin", action="store_true",
+                   help="the built-in cases instead: the bundled photos, 40 prompts each in the paper's four "
+                   "categories, and two pairs of subjects (10 prompts each)")
+    e.add_argument("--max-prompts", type=int, default=None, metavar="N",
+                   help="only the first N prompts of each case (a quick look before a full run)")
+    e.add_argument("--variants", default="", metavar="NAME[,NAME...]",
+                   help="compare ways of generating on the same prompts and seeds, the first as the baseline: "
+                   "original, balanced, fast, layout, separate, lora=FILE:SCALE, photos=1")
+    e.add_argument("--identity-model", choices=["arcface", "facenet"], default=d.identity_model,
+                   help="arcface (default: the identity check's) or facenet (the paper's metric, FaceNet with MTCNN; "
+                   "comparable with its 0.514; about 107 MB, downloaded once)")
     e.add_argument("--output", required=True, metavar="DIR", help="a new folder for the images and the report")
     e.add_argument("--num-images", type=int, default=d.num_images,
                    help=f"images per prompt, seed and alpha (default {d.num_images})")
@@ -68,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.num_images, seeds=args.seeds, alphas=args.alpha, num_inference_steps=args.steps,
         guidance_scale=args.guidance, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
         height=args.height, width=args.width, face_crop=not args.no_face_crop,
-        clip_model=args.clip_model,
+        clip_model=args.clip_model, identity_model=args.identity_model, variants=args.variants,
     )
+    if (args.cases is None) == (not args.builtin):
+        raise UserError("give CASES_DIR or --builtin (one of the two)")
 
     def load():
         from ..models.checkpoint import CheckpointError
@@ -85,7 +99,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(message_for(e, "cli").splitlines()[0]) from None
 
     try:
-        result = evaluate(args.cases, args.output, settings, load, limits=CLI_LIMITS, device=device)
+        if args.builtin:
+            from ..evaluation.cases import builtin_cases
+
+            cases = builtin_cases(max_prompts=args.max_prompts)
+        else:
+            from ..evaluation.cases import load_cases
+
+            cases = load_cases(args.cases)
+            if args.max_prompts is not None:
+                cases = [replace(c, prompts=c.prompts[: args.max_prompts]) for c in cases]
+        result = evaluate(cases, args.output, settings, load, limits=CLI_LIMITS, device=device)
     except EvaluationError as e:
         raise UserError(str(e)) from None
     sys.stdout.write(result.markdown)

@@ -196,6 +196,7 @@ class PaperIdentity:
     """
 
     name = "FaceNet (InceptionResnetV1, VGGFace2) with MTCNN: the paper's metric"
+    detector_name = "mtcnn (the paper's settings)"
 
     def __init__(self, model: nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
                  allow_download: bool = True, device: str = "cpu"):
@@ -209,8 +210,11 @@ class PaperIdentity:
         if self.model is None:
             try:
                 self.model = load_facenet(fetch_facenet(self.cache_dir, self.allow_download), self.device)
-            except (DownloadError, OSError) as e:
+            except DownloadError as e:
                 return str(e)
+            except OSError as e:  # the download itself failed (no network, a refused connection)
+                return (f"{FACENET.name} could not be downloaded ({type(e).__name__}: {str(e)[:200]}); download it "
+                        f"from {FACENET.url} and copy it to {FACENET.path(self.cache_dir)}")
         return None
 
     @torch.no_grad()
@@ -232,14 +236,9 @@ class PaperIdentity:
         return mean_embedding(np.stack(found)) if found else None
 
     def score(self, image: Image.Image, references: np.ndarray) -> dict:
-        """One image: `identity` (the paper's score), per-subject `subjects`, `num_faces` (all faces found)."""
-        from .matching import greedy_identity
+        """One image: `identity` (the paper's score), per-subject `subjects`, `num_faces` (all found), `blended`."""
+        from .matching import score_faces
 
         boxes, emb = self.embeddings(image)
-        k = len(references)
-        kept = emb[:k]
-        sim = np.zeros((k, k))  # faces x subjects; rows past the faces found stay 0 (no face)
-        if len(kept):
-            sim[: len(kept)] = np.clip(kept @ np.asarray(references).T, 0.0, None)
-        score, per_subject = greedy_identity(sim, k)
-        return dict(identity=score, subjects=per_subject, num_faces=len(boxes))
+        result = score_faces(emb[: len(references)], references)  # the largest faces, as many as subjects
+        return {**result, "num_faces": len(boxes)}

@@ -100,3 +100,26 @@ def greedy_identity(similarity: np.ndarray, num_subjects: int) -> tuple[float, l
         per_subject[j] = float(sim[i, j])
         sim[i, :], sim[:, j] = -np.inf, -np.inf
     return max(0.0, min(per_subject)), per_subject
+
+
+def score_faces(face_embeddings: np.ndarray, references: np.ndarray) -> dict:
+    """The evaluation's per-image identity from face embeddings `(F, D)` (already cut to the faces to use) and each
+    subject's reference `(k, D)`: cosines clamped at 0, faces and subjects paired greedily (`greedy_identity`), the
+    image's score the least similar subject's. Also `blended`: two paired faces more like each other than each is
+    like its own subject (the identity check's flag, on the greedy pairs)."""
+    faces, refs = normalize(face_embeddings).reshape(-1, np.shape(references)[-1]), normalize(references)
+    k = len(refs)
+    sim = np.zeros((max(len(faces), k), k))  # rows past the faces found stay 0: "no face"
+    if len(faces):
+        sim[: len(faces)] = np.clip(faces @ refs.T, 0.0, None)
+    score, per_subject = greedy_identity(sim, k)
+    pairs, work = {}, sim.copy()
+    for _ in range(min(len(faces), k)):
+        i, j = np.unravel_index(np.argmax(work), work.shape)
+        pairs[j] = i
+        work[i, :], work[:, j] = -np.inf, -np.inf
+    blended = any(
+        float(faces[pairs[a]] @ faces[pairs[b]]) > max(per_subject[a], per_subject[b])
+        for a in pairs for b in pairs if a < b
+    )
+    return dict(identity=score, subjects=per_subject, num_faces=len(faces), blended=blended)
