@@ -98,6 +98,8 @@ SETTING_NAMES: dict[str, Wording] = {
     "crop_margin": Wording("Crop", "--crop-margin", "`crop_margin`"),  # the slider is labelled "Crop: tight face …"
     "boxes": Wording("layout boxes", "--box", "`boxes`"),
     "separate": Wording("'Keep people apart'", "--separate", "`separate`"),
+    "detail_faces": Wording("'Refine faces'", "--detail-faces", "`detail_faces`"),
+    "detail_strength": Wording("the face strength", "--detail-faces STRENGTH", "`detail_strength`"),
     # How to give the encoder whole photos instead of face crops.
     "no_face_crop": Wording("untick 'Crop to the face'", "pass --no-face-crop",
                             "turn off face crop (`face_crop=False`)"),

@@ -103,7 +103,8 @@ def test_restore_settings_from_a_generated_png(client):
     restored = client.predict(handle_file(path), api_name="/restore_settings")
     assert restored[0] == "a woman img reading" and restored[2] == 0.6 and restored[6] == 77
     assert restored[15] == 1.8  # the Crop slider
-    assert restored[16:] == ("", False)  # no layout boxes, not kept apart
+    assert restored[16:18] == ("", False)  # no layout boxes, not kept apart
+    assert restored[18] is False  # no face pass (its strength slider is left as it is)
 
 
 def test_banner_and_consent_are_on_the_page(server):

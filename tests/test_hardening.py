@@ -231,7 +231,7 @@ def test_r14_forty_clients_at_once_find_exactly_the_bound_of_waiting_places(fake
         uploaded = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("a.png", f, "image/png")}).json()
     photo = {"path": uploaded[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}
     data = ["a woman img reading", "", 0.75, 5.0, 100, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None,
-            None, None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, None]
+            None, None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, False, 0.4, None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
 
     def join(k: int) -> str:
@@ -392,10 +392,10 @@ def test_r24_a_queued_job_of_a_disconnected_browser_never_starts(fake_app):
         uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("astronaut.png", f, "image/png")}).json()[0]
     photo = {"path": uploaded, "orig_name": "astronaut.png", "meta": {"_type": "gradio.FileData"}}
     # Generate's inputs in page order: the settings, 4 photo galleries, 4 "whole photo" choices, cache interval, LoRA
-    # and its strength, crop margin, attention maps, identity check, alpha sweep, layout boxes, keep apart, and the
-    # gallery's State (a browser sends null for it)
+    # and its strength, crop margin, attention maps, identity check, alpha sweep, layout boxes, keep apart, refine
+    # faces and its strength, and the gallery's State (a browser sends null for it)
     data = ["a woman img reading", "", 0.75, 5.0, 1, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None, None,
-            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, None]
+            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, False, 0.4, None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
     session = "leaver-session"
     joined = httpx.post(url + "gradio_api/queue/join",

@@ -88,7 +88,7 @@ def test_a_closed_tab_stops_its_running_generation(page, slow_unet):
         uploaded = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("a.png", f, "image/png")}).json()
     photo = {"path": uploaded[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}
     data = ["a woman img reading", "", 0.75, 5.0, 80, "pndm", 1, 1, 256, 256, False, [{"image": photo}], None, None,
-            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, None]
+            None, [], [], [], [], 1, "", 0.8, 2.6, False, False, "", "", False, False, 0.4, None]
     fn_index = next(i for i, dep in enumerate(demo.config["dependencies"]) if dep.get("api_name") == "generate")
     joined = httpx.post(demo.local_url + "gradio_api/queue/join",
                         json={"data": data, "fn_index": fn_index, "session_hash": "tab", "event_data": None})

@@ -106,6 +106,8 @@ def expected_settings(job: Job) -> dict:
         "photos_per_subject": [len(group) for group in job.photos],
         "boxes": recorded_boxes(r, len(job.photos)),
         "separate": bool(r.separate),
+        "detail_faces": bool(r.detail_faces),
+        "detail_strength": float(r.detail_strength) if r.detail_faces else None,
     }
     if r.seed != -1:
         want["seed"] = int(r.seed)
@@ -350,7 +352,7 @@ def make_summary(outcomes: list[Outcome], defaults: argparse.Namespace, jobs_fil
             "seed": defaults.seed, "num_images": defaults.num_images,
             "height": defaults.height, "width": defaults.width,  # None: the model's own size
             "face_crop": not defaults.no_face_crop, "crop_margin": defaults.crop_margin,
-            "boxes": defaults.box, "separate": defaults.separate,
+            "boxes": defaults.box, "separate": defaults.separate, "detail_faces": defaults.detail_faces,
             "safety_checker": not defaults.no_safety_checker,
             "identity_check": defaults.identity_check, "weights": defaults.weights, "base_model": defaults.base_model,
             "image_encoder": defaults.image_encoder, "lora": defaults.lora, "device": defaults.device,

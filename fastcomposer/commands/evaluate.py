@@ -42,7 +42,7 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
                    help="only the first N prompts of each case (a quick look before a full run)")
     e.add_argument("--variants", default="", metavar="NAME[,NAME...]",
                    help="compare ways of generating on the same prompts and seeds, the first as the baseline: "
-                   "original, balanced, fast, layout, separate, lora=FILE:SCALE, photos=1")
+                   "original, balanced, fast, layout, separate, detail, lora=FILE:SCALE, photos=1")
     e.add_argument("--identity-model", choices=["arcface", "facenet"], default=d.identity_model,
                    help="arcface (default: the identity check's) or facenet (the paper's metric, FaceNet with MTCNN; "
                    "comparable with its 0.514; about 107 MB, downloaded once)")

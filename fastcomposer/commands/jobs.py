@@ -38,6 +38,8 @@ SETTING_KEYS: dict[str, tuple[str, str]] = {
     "cache_interval": ("cache_interval", "whole"),
     "boxes": ("box", "list"),  # per subject [x0, y0, x1, y1] or null, as --box is
     "separate": ("separate", "bool"),
+    "detail_faces": ("detail_faces", "bool"),  # with "detail_strength", as --detail-faces [STRENGTH]
+    "detail_strength": ("detail_strength", "number"),
 }
 JOB_KEYS = ("id", "prompt", "images", *SETTING_KEYS)
 # Safe as a file name on every system: no separators, no "..", no leading dot (our temporary files have one).
@@ -230,6 +232,12 @@ def job_settings(entry: dict, defaults: argparse.Namespace) -> argparse.Namespac
         attr, kind = SETTING_KEYS[key]
         value = _typed(key, value, kind)
         setattr(settings, attr, not value if key == "face_crop" else value)
+    # --detail-faces [STRENGTH] is one flag for two keys: None (off) or the strength
+    detail = given.get("detail_faces", defaults.detail_faces is not None)
+    strength = given.get("detail_strength", defaults.detail_faces if defaults.detail_faces is not None else 0.4)
+    settings.detail_faces = float(strength) if detail is True else None
+    if "detail_strength" in given and detail is not True:
+        raise JobError('"detail_strength" needs "detail_faces": true')
     return settings
 
 

@@ -68,6 +68,9 @@ def add_generation_args(p: argparse.ArgumentParser, sweeps: bool = True) -> None
                    "once per subject in `img` order, '-' for a subject left free")
     p.add_argument("--separate", action="store_true",
                    help="keep the subjects apart without boxes: each keeps the region it takes in the first steps")
+    p.add_argument("--detail-faces", nargs="?", type=float, const=0.4, default=None, metavar="STRENGTH",
+                   help="the face pass: redraw each subject's face at full size with that subject alone, from "
+                   "STRENGTH of the schedule (default 0.4; 0.05-1)")
     p.add_argument("--identity-check", action="store_true",
                    help="score each image's faces against the subjects (ArcFace) and print one line per image")
 
@@ -158,6 +161,8 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
         face_crop=not args.no_face_crop, crop_margin=args.crop_margin, cache_interval=plan.cache_interval,
         preset=args.preset,
         identity_check=args.identity_check, boxes=parse_boxes(args.box), separate=bool(args.separate),
+        detail_faces=args.detail_faces is not None,
+        detail_strength=0.4 if args.detail_faces is None else args.detail_faces,
     )
 
 

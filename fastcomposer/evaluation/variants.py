@@ -9,6 +9,7 @@
 | `original`, `balanced`, `fast` | the speed preset: sampler, steps and feature caching (presets.py) |
 | `layout` | a box per subject, side by side (one subject: none) |
 | `separate` | keep people apart (automatic separation) |
+| `detail` | the face pass: each subject's face redrawn with that subject alone (strength 0.4) |
 | `lora=FILE:SCALE` | a LoRA on the model for this variant's runs |
 | `photos=1` | only each subject's first photo |
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from .errors import EvaluationError
 
 PRESET_NAMES = ("original", "balanced", "fast")
-NAMES = (*PRESET_NAMES, "layout", "separate", "lora=FILE:SCALE", "photos=1")
+NAMES = (*PRESET_NAMES, "layout", "separate", "detail", "lora=FILE:SCALE", "photos=1")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def parse_variant(text: str) -> Variant:
         return Variant(name, lambda r: replace(r, boxes=side_by_side(len(r.images))))
     if name == "separate":
         return Variant(name, lambda r: replace(r, separate=True))
+    if name == "detail":
+        return Variant(name, lambda r: replace(r, detail_faces=True))
     if name == "photos=1":
         return Variant(name, lambda r: replace(r, images=[group[:1] if isinstance(group, list) else group
                                                           for group in r.images]))

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 # A DeepCache step reruns only the outermost UNet layers: "about a tenth of a full one" (caching.py).
 CACHED_STEP_COST = 0.1
+# The VAE's encoder (the face pass encodes each face crop) costs about half its decoder: it has about half the
+# decoder's layers at each resolution.
+VAE_ENCODE_SHARE = 0.5
 # Each run's measured speed counts at least this much in the running average, so the estimate follows a
 # machine whose speed changes (other load, thermal limits) instead of freezing after many runs.
 MIN_OBSERVATION_WEIGHT = 0.25
@@ -99,6 +102,8 @@ class Workload:
     photos: int = 1  # subject photos through CLIP ViT-L/14
     guidance: bool = True  # classifier-free guidance doubles the UNet batch
     schedule: tuple[bool, ...] = ()  # per iteration: a full UNet pass (True) or a cached one; () = all full
+    faces: int = 0  # faces the face pass redraws (one per subject and image, as planned)
+    face_steps: int = 0  # loop iterations per face (the schedule's last `strength`), each a full pass at 512 px
 
     @classmethod
     def of(
@@ -112,6 +117,8 @@ class Workload:
         photos: int = 1,
         alpha: float = 0.75,
         guidance_scale: float = 5.0,
+        faces: int = 0,
+        face_strength: float = 0.4,
     ) -> Workload:
         """The workload of a request; full passes follow the cache's own rule (see `caching.is_full_pass`)."""
         iterations = int(steps) + 1 if scheduler == "pndm" else int(steps)
@@ -119,8 +126,9 @@ class Workload:
         first_subject = next((i for i in range(iterations) if i > switch), None)
         interval = max(1, int(cache_interval))
         schedule = tuple(_is_full_pass(i, interval, first_subject) for i in range(iterations))
+        face_steps = min(int(int(steps) * float(face_strength)), int(steps)) if faces else 0
         return cls(iterations, sum(schedule), int(width), int(height), int(num_images), int(photos),
-                   guidance_scale > 1.0, schedule)
+                   guidance_scale > 1.0, schedule, int(faces), face_steps)
 
     def is_full(self, i: int) -> bool:
         """Whether iteration `i` runs the whole UNet."""
@@ -187,10 +195,17 @@ class Estimator:
         pixels = work.width * work.height / 512**2
         return self.tail_scale * (m.decode_512 * pixels * work.num_images + m.fixed) * self._threads_factor()
 
+    def face_seconds(self, work: Workload) -> float:
+        """One face of the face pass: a VAE encode, `face_steps` full iterations of one 512 px image, a decode."""
+        face = Workload(work.face_steps, work.face_steps, 512, 512, 1, 1, work.guidance)
+        vae = self.tail_scale * self.model.decode_512 * (1 + VAE_ENCODE_SHARE) * self._threads_factor()
+        return self.full_step_seconds(face) * work.face_steps + vae
+
     def seconds(self, work: Workload) -> float:
-        """The whole call: photos, loop, decode and the rest."""
+        """The whole call: photos, loop, decode and the rest, and the face pass."""
         photos = self.speed * self.model.encode_photo * work.photos * self._threads_factor()
-        return photos + self.full_step_seconds(work) * self.loop_units(work) + self.tail_seconds(work)
+        loop = self.full_step_seconds(work) * self.loop_units(work)
+        return photos + loop + self.tail_seconds(work) + work.faces * self.face_seconds(work)
 
     def observe_run(self, work: Workload, full_step: float | None, cached_step: float | None = None,
                     tail: float | None = None) -> None:

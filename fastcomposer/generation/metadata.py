@@ -50,6 +50,9 @@ class GenerationRecord:
     loras: list[str] = field(default_factory=list)  # LoRAs applied, as `NAME:SCALE` (older PNGs: none)
     boxes: list | None = None  # layout: per subject [x0, y0, x1, y1] as fractions, or None (free); None: no boxes
     separate: bool = False  # layout: automatic separation of the subjects
+    detail_faces: bool = False  # the face pass ran (face_detail.py)
+    detail_strength: float | None = None  # its strength, when it ran
+    identity_before: dict | None = None  # the identity check's report before the face pass, when both ran
 
     def summary(self) -> str:
         return (
@@ -63,6 +66,7 @@ class GenerationRecord:
             + (f", LoRAs: {' '.join(self.loras)}" if self.loras else "")
             + (f", Boxes: {format_boxes(self.boxes)}" if self.boxes else "")
             + (", Keep apart: on" if self.separate else "")
+            + (f", Refine faces: {self.detail_strength:g}" if self.detail_faces and self.detail_strength else "")
         )
 
 

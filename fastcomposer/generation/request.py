@@ -19,6 +19,7 @@ from ..inputs.prompt import ParsedPrompt, parse_prompt
 from ..messages import UserFacingError, Wording
 from ..pipeline.boxes import box_problem
 from ..pipeline.schedulers import SCHEDULERS, max_steps
+from .face_detail import DETAIL
 from .metadata import GenerationRecord
 
 OOM_MESSAGE = "out of memory: try fewer images, fewer steps or a smaller size"  # the page's wording of OUT_OF_MEMORY
@@ -115,6 +116,8 @@ class GenerationRequest:
     # width and height, or None for a free subject; None: no boxes.
     boxes: Sequence[Sequence[float] | None] | None = None
     separate: bool = False  # keep the subjects apart without boxes (automatic separation)
+    detail_faces: bool = False  # the face pass: each subject's face redrawn with that subject alone (face_detail.py)
+    detail_strength: float = 0.4  # the share of the schedule the face pass runs again, from 0.05 to 1
 
 
 @dataclass
@@ -129,6 +132,8 @@ class GenerationResult:
     steps_done: int = 0  # loop iterations that ran (all of them unless interrupted)
     total_steps: int = 0  # loop iterations planned
     identity: list = field(default_factory=list)  # per image, an `identity.IdentityReport` when it was asked for
+    notes: list[str] = field(default_factory=list)  # per image, the face pass's word for its caption
+    detail_stopped: bool = False  # Stop came during the face pass: the images are kept, the unfinished face as it was
 
     @property
     def num_hidden(self) -> int:
@@ -196,6 +201,11 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
          limit=f"{limits.max_compute_units:g}")
 
     need(isinstance(r.separate, bool), "{separate} must be true or false, got {value!r}", value=r.separate)
+    need(isinstance(r.detail_faces, bool), "{detail_faces} must be true or false, got {value!r}", value=r.detail_faces)
+    need(isinstance(r.detail_strength, (int, float)) and not isinstance(r.detail_strength, bool)
+         and DETAIL.min_strength <= r.detail_strength <= DETAIL.max_strength,
+         "{detail_strength} must be from {lo} to {hi}, got {value}", lo=DETAIL.min_strength, hi=DETAIL.max_strength,
+         value=r.detail_strength)
     try:
         parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
     except ValueError as e:

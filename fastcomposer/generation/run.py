@@ -90,6 +90,7 @@ def generate(
     stop: threading.Event | None = None,
     limits: Limits = SETTINGS.limits,
     crop_fn: Callable | None = None,
+    on_stage: Callable[[str, int, int], None] | None = None,
 ) -> GenerationResult:
     """Validate, crop, seed and run one request.
 
@@ -101,7 +102,9 @@ def generate(
         on_step: called as `on_step(done, total)` after each denoising iteration (for progress bars).
         on_preview: called as `on_preview(done, total, images)` every `PREVIEW_EVERY` iterations with cheap
             previews of the images forming (see previews.py); the final images still come from the VAE.
-        stop: when set, the run ends after the current iteration and returns `interrupted=True`.
+        stop: when set, the run ends after the current iteration and returns `interrupted=True`; during the face pass,
+            the images are kept with the faces redrawn so far.
+        on_stage: called as `on_stage("image 1 · face 2/3", done, total)` at each step of the face pass.
 
     Raises:
         `GenerationError` for bad requests, faces not found, and out-of-memory.
@@ -120,18 +123,47 @@ def generate(
     # 4. Run, reporting progress (and previews) and honouring Stop between iterations
     reporter = StepReporter(on_step, on_preview, stop)
     out = run_pipeline(pipe, request, subjects, seed, reporter)
-
-    # 5. Attach the settings to every image (and the identity check's report, when asked)
     records = image_records(pipe, request, seed, subjects, len(out.images))
+
+    # 5. The face pass: each subject's face redrawn with that subject alone (face_detail.py); the identity check
+    # scores the image before it too, so the PNG shows what the pass did
+    detail = face_pass(pipe, request, out, subjects, seed, records, on_stage, stop)
+
+    # 6. Attach the settings to every image (and the identity check's report, when asked)
     identity = check_identity(request, out, subjects, records)
     images = [with_metadata(image, record) for image, record in zip(out.images, records)]
     nsfw = list(out.nsfw_content_detected or [False] * len(images))
     result = GenerationResult(images, records, seed, nsfw, subjects, out.interrupted, identity=identity,
-                              steps_done=reporter.done, total_steps=reporter.total)
+                              steps_done=reporter.done, total_steps=reporter.total,
+                              notes=detail.notes if detail else [], detail_stopped=bool(detail and detail.stopped))
 
-    # 6. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
-    result.attention = attention_overlays(request, out, images, nsfw)
+    # 7. Attention overlays: each subject's map tinted on its image, with the subject words as a legend
+    if request.attention_maps:
+        result.attention = attention_overlays(request, out, images, nsfw)
     return result
+
+
+def face_pass(pipe, request: GenerationRequest, out, subjects: list, seed: int, records: list,
+              on_stage: Callable | None, stop: threading.Event | None):
+    """Run the face pass on `out.images` in place when the request asks for it; its `DetailResult`, else None."""
+    if not request.detail_faces or not out.images or out.interrupted:
+        return None
+    from .face_detail import detail_images
+
+    hidden = list(out.nsfw_content_detected or [False] * len(out.images))
+    for record, report in zip(records, check_identity(request, out, subjects, [])):
+        record.identity_before = report.to_dict()
+    try:
+        detail = detail_images(pipe, request, list(out.images), hidden, subjects, seed,
+                               getattr(out, "attention", None), on_stage=on_stage, stop=stop)
+    except torch.OutOfMemoryError:
+        detail = None  # the main images are kept
+    if detail is None:
+        free_memory()
+        logger.warning("the face pass ran out of memory; the images are kept without it")
+        return None
+    out.images = detail.images
+    return detail
 
 
 def encoder_inputs(request: GenerationRequest, subjects: Sequence | None, crop_fn: Callable | None) -> list[list]:
@@ -177,7 +209,7 @@ def run_pipeline(pipe, request: GenerationRequest, subjects: list[list], seed: i
     pipe.use_scheduler(request.scheduler)
     extra = {"callback_on_step_end_tensor_inputs": ["latents", "denoised"]} if reporter.on_preview else {}
     extra["cache_interval"] = int(request.cache_interval)  # explicit: a pipeline's own preset must not add caching
-    if request.attention_maps:
+    if request.attention_maps or request.detail_faces:  # the face pass matches faces by attention
         extra["return_attention"] = True
     if request.boxes is not None or request.separate:  # only then: without them the call is exactly as before
         extra.update(boxes=request.boxes, separate=bool(request.separate))
@@ -216,6 +248,8 @@ def image_records(pipe, request: GenerationRequest, seed: int, subjects: list[li
         photos_per_subject=[len(group) for group in subjects],
         loras=[lora.label for lora in getattr(pipe, "active_loras", [])],
         boxes=recorded_boxes(request, len(subjects)), separate=bool(request.separate),
+        detail_faces=bool(request.detail_faces),
+        detail_strength=float(request.detail_strength) if request.detail_faces else None,
     )
     return [replace(base, image_index=k) for k in range(count)]
 

@@ -42,6 +42,7 @@ class StepEvent:
     done: int  # iterations finished
     total: int  # iterations planned
     elapsed: float  # seconds since the stream started, on the clock of the process that ran it
+    stage: str = ""  # "" for the main run; "image 1 · face 2/3" for the face pass's steps
 
 
 @dataclass
@@ -111,13 +112,16 @@ def stream_generation(
     def on_step(done: int, total: int) -> None:
         events.put(StepEvent(done, total, time.monotonic() - start))
 
+    def on_stage(stage: str, done: int, total: int) -> None:
+        events.put(StepEvent(done, total, time.monotonic() - start, stage))
+
     def on_preview(done: int, total: int, images: list[PIL.Image.Image]) -> None:
         events.put(PreviewEvent(done, total, images))
 
     def run() -> None:
         try:
             result = generate(pipe, request, subjects=subjects, on_step=on_step,
-                              on_preview=on_preview if previews else None, stop=stop, limits=limits)
+                              on_preview=on_preview if previews else None, stop=stop, limits=limits, on_stage=on_stage)
             events.put(ResultEvent(result, time.monotonic() - start))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             events.put(_Failure(e))

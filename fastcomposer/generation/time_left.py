@@ -37,6 +37,8 @@ class RunClock:
         """This run's measured (full, cached) iteration times, iteration 0 left out."""
         full, cached = [], []
         for done, elapsed in self.stamps.items():
+            if not isinstance(done, int):  # the face pass's stamps
+                continue
             before = self.stamps.get(done - 1)
             if done >= 2 and before is not None:  # iteration done-1 ran between the two events
                 (full if self.work.is_full(done - 1) else cached).append(elapsed - before)
@@ -54,7 +56,7 @@ class RunClock:
 
     def seconds_left(self, done: int | None = None) -> float:
         """The loop's remaining iterations and the tail after it (`done`: the last step reported, by default)."""
-        done = max(self.stamps, default=0) if done is None else done
+        done = max((d for d in self.stamps if isinstance(d, int)), default=0) if done is None else done
         full_s, cached_s, tail_s = self.costs()
         loop = sum(full_s if self.work.is_full(i) else cached_s for i in range(done, self.work.iterations))
         return loop + tail_s
@@ -65,6 +67,22 @@ class RunClock:
         first = self.stamps.get(1, full_s)  # iteration 0 with the encoders before it
         rest = sum(full_s if self.work.is_full(i) else cached_s for i in range(1, self.work.iterations))
         return first + rest + tail_s
+
+    def face_seconds_left(self, stage: str, done: int, elapsed: float) -> float:
+        """In the face pass ("image 1 · face 2/3", step `done`): this face's steps left and the faces after it,
+        priced by this face's own steps once there are two, else by the estimator."""
+        face_s = self.estimator.face_seconds(self.work) / max(1, self.work.face_steps)
+        previous = self.stamps.get((stage, done - 1))
+        self.stamps[(stage, done)] = elapsed
+        if previous is not None:
+            face_s = elapsed - previous
+        image, _, face = stage.partition(" · ")
+        position, _, count = face.removeprefix("face ").partition("/")
+        images_left = self.work.num_images - int(image.removeprefix("image ") or 1)
+        per_image = self.work.faces // max(1, self.work.num_images)
+        faces_left = int(count or 1) - int(position or 1) + images_left * per_image
+        steps = max(1, self.work.face_steps)
+        return (steps - done) * face_s + faces_left * steps * face_s
 
     def finish(self, elapsed: float) -> None:
         """The run ended at `elapsed`: tell the estimator what its iterations and its tail cost here."""

@@ -45,6 +45,7 @@ from .mmagic import MMagicMixin
 from .output import FastComposerPipelineOutput, placeholder_image
 from .presets import DEFAULT_PRESET, resolve
 from .previews import predict_clean_latents
+from .redraw import RedrawMixin
 from .schedulers import SamplerMixin
 from .subjects import SubjectEncodingMixin, SubjectImages, subject_groups
 
@@ -54,7 +55,7 @@ __all__ = ["FastComposerPipeline", "FastComposerPipelineOutput", "SubjectImages"
            "subject_groups"]
 
 
-class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, StableDiffusionPipeline):
+class FastComposerPipeline(SubjectEncodingMixin, SamplerMixin, MMagicMixin, RedrawMixin, StableDiffusionPipeline):
     r"""Text-to-image generation of one to four given subjects with FastComposer (arXiv 2305.10431).
 
     Components are those of [`StableDiffusionPipeline`] plus `image_encoder` (CLIP ViT-L/14 vision tower

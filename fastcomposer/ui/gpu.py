@@ -70,10 +70,11 @@ class Failed:
 
 
 def workload(request, subjects) -> Workload:
-    """What a request computes, for the estimator."""
+    """What a request computes, for the estimator (with the face pass: a face per subject and image)."""
+    faces = len(subjects) * int(request.num_images) if getattr(request, "detail_faces", False) else 0
     return Workload.of(request.scheduler, request.num_inference_steps, request.cache_interval, request.width,
                        request.height, request.num_images, sum(len(group) for group in subjects), request.alpha,
-                       request.guidance_scale)
+                       request.guidance_scale, faces, getattr(request, "detail_strength", 0.4))
 
 
 def gpu_duration(key: str, request, subjects, loras, alphas: list[float] | None = None) -> int:

@@ -30,6 +30,13 @@ IDENTITY_UNAVAILABLE = ("identity check unavailable: the face recogniser could n
 HIDDEN_REASON = "hidden by the safety checker"  # identity.IdentityChecker's reason for a hidden image
 
 
+REFINE_GPU = ("after the image, each subject's face is redrawn at full size with that subject's photos alone, "
+              "so small faces keep their identity; on by default on a GPU, where a face takes a second")
+REFINE_CPU = ("after the image, each subject's face is redrawn at full size with that subject's photos alone, "
+              "so small faces keep their identity; off by default here: on a CPU each face costs about as much as "
+              "the image itself")
+
+
 @dataclass
 class InsightControls:
     """The components of the "what the model did" section."""
@@ -37,6 +44,8 @@ class InsightControls:
     attention: gr.Checkbox
     identity: gr.Checkbox
     sweep: gr.Dropdown  # "" (off) or a list of alphas, e.g. "0.5, 0.6, 0.7, 0.8"
+    refine: gr.Checkbox | None = None  # the face pass (generation/face_detail.py)
+    refine_strength: gr.Slider | None = None
 
 
 def identity_default() -> tuple[bool, str]:
@@ -47,8 +56,10 @@ def identity_default() -> tuple[bool, str]:
     return (True, IDENTITY_ON) if ARCFACE.path().is_file() else (False, IDENTITY_OFF)
 
 
-def build_insight() -> InsightControls:
-    """Lay out the section (inside a Blocks context)."""
+def build_insight(gpu: bool = False) -> InsightControls:
+    """Lay out the section (inside a Blocks context); `gpu`: the face pass is on by default."""
+    from ..generation.face_detail import DETAIL
+
     identity_on, identity_info = identity_default()
     with gr.Row(equal_height=False, elem_id="insight"):  # columns wrap on a phone; components would not
         with gr.Column(min_width=240):
@@ -59,7 +70,15 @@ def build_insight() -> InsightControls:
     sweep = gr.Dropdown(SWEEP_CHOICES, value="", allow_custom_value=True, label="Alpha sweep", elem_id="sweep",
                         info="the same seed at several alphas, side by side (one run each); or type your own, "
                         "e.g. 0.4, 0.6, 0.8")
-    return InsightControls(attention, identity, sweep)
+    with gr.Row(equal_height=False, elem_id="refine-row"):
+        with gr.Column(min_width=240):
+            refine = gr.Checkbox(label="Refine faces", value=gpu, info=REFINE_GPU if gpu else REFINE_CPU,
+                                 elem_id="refine")
+        with gr.Column(min_width=240):
+            strength = gr.Slider(DETAIL.min_strength, DETAIL.max_strength, value=DETAIL.strength, step=0.05,
+                                 label="Face strength", elem_id="refine-strength",
+                                 info="how much of each face is redrawn: 0.4 keeps its shape, 1 draws it afresh")
+    return InsightControls(attention, identity, sweep, refine, strength)
 
 
 def parse_sweep(text: str | None) -> list[float] | None:
@@ -130,7 +149,8 @@ def result_items(results: Sequence, alphas: Sequence[float] | None) -> list[tupl
         label = f"α {alphas[r]:.2f}" if alphas is not None else None
         for k, image in enumerate(result.images):
             report = result.identity[k] if k < len(result.identity) else None
-            items.append((image, _join(label, identity_caption(report) if report is not None else None)))
+            note = result.notes[k] if k < len(result.notes) else None
+            items.append((image, _join(label, identity_caption(report) if report is not None else None, note)))
             if k < len(result.attention):
                 items.append((result.attention[k], _join(label, f"map of image {k + 1}")))
     return items
@@ -148,6 +168,8 @@ def result_status(results: Sequence, alphas: Sequence[float] | None) -> str:
     hidden = sum(r.num_hidden for r in done)
     if hidden:
         status += f" · {hidden} of {sum(len(r.images) for r in done)} images hidden by the safety filter"
+    if any(getattr(r, "detail_stopped", False) for r in done):
+        status += " · stopped during the face pass: the images are kept, the unfinished face as it was"
     reports = [report for r in done for report in r.identity]
     if any(not report.available and report.reason != HIDDEN_REASON for report in reports):
         status += f" · {IDENTITY_UNAVAILABLE}"

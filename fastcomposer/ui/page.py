@@ -93,7 +93,7 @@ def create_demo(
                 slots = build_photo_slots(limits)
                 controls = build_settings(d, limits, preset, loras)
                 layout = build_layout()
-                insight = build_insight()
+                insight = build_insight(gpu=hardware.device not in ("cpu", "mps"))
                 build_speed(controls, advice, d)
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -143,7 +143,7 @@ def _wire(page: _Page) -> None:
     insight = page.insight
     inputs = [*settings_inputs, *slots.photos, *slots.wholes, c.cache_interval, c.lora, c.lora_scale, slots.margin,
               insight.attention, insight.identity, insight.sweep, page.layout.boxes, page.layout.separate,
-              results.shown]  # run.py's parameters, in order
+              insight.refine, insight.refine_strength, results.shown]  # run.py's parameters, in order
     outputs = [results.gallery, results.used_seed, results.status, results.shown]
     common = dict(concurrency_id=server.concurrency_id, concurrency_limit=1, validator=handlers.check_before_queue,
                   show_progress_on=[results.gallery])  # one progress bar, on the gallery
@@ -163,5 +163,6 @@ def _wire(page: _Page) -> None:
                         api_visibility="undocumented")
     results.restore_file.upload(lambda path: restore(path, page.loras), results.restore_file,
                                 [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale, slots.margin,
-                                 page.layout.boxes, page.layout.separate],
+                                 page.layout.boxes, page.layout.separate, page.insight.refine,
+                                 page.insight.refine_strength],
                                 api_name="restore_settings")

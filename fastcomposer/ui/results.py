@@ -60,4 +60,5 @@ def restore(path: str | None, loras: dict) -> tuple:
     return (record.prompt, record.negative_prompt, record.alpha, record.guidance_scale, record.num_inference_steps,
             record.scheduler, record.seed, record.num_images, record.width, record.height, record.face_crop,
             speed_of(record.scheduler, record.num_inference_steps, record.cache_interval), record.cache_interval,
-            lora, scale, margin, format_boxes(record.boxes), bool(record.separate))
+            lora, scale, margin, format_boxes(record.boxes), bool(record.separate), bool(record.detail_faces),
+            record.detail_strength if record.detail_faces and record.detail_strength else gr.update())

@@ -41,7 +41,7 @@ from .texts import MAX_SLOTS
 
 STOP_WAIT_S = 120  # Stop waits at most this long for the run to end (one step, or the final decode)
 PREVIEW_EVERY_S = 0.5  # at most two preview updates a second: each one re-sends the gallery
-GENERATE_INPUTS = 29  # the values Generate takes from the page (see page.py); the validator answers each
+GENERATE_INPUTS = 31  # the values Generate takes from the page (see page.py); the validator answers each
 PHOTOS_AT, SWEEP_AT, LAYOUT_AT = 11, 25, 26  # where photo_1, alpha_sweep and layout_boxes sit among them
 
 
@@ -96,9 +96,12 @@ class Runs:
             return None, self._queued.pop(session, 0)
 
 
-def progress_text(done: int, total: int, left_s: float, sweep: RunEvent | None = None) -> str:
-    """Short enough for a phone: "step 12/51 · ~30 s left"; in a sweep "α 0.60 2/4 · step 12/21 · ~1 min left"."""
+def progress_text(done: int, total: int, left_s: float, sweep: RunEvent | None = None, stage: str = "") -> str:
+    """Short enough for a phone: "step 12/51 · ~30 s left"; in a sweep "α 0.60 2/4 · step 12/21 · ~1 min left";
+    in the face pass "face 2/3 · step 4/8 · ~20 s left"."""
     where = f"α {sweep.alpha:.2f} {sweep.index + 1}/{sweep.total} · " if sweep is not None else ""
+    if stage:
+        where += stage.split(" · ")[-1] + " · "  # "image 1 · face 2/3" -> "face 2/3"
     return f"{where}step {done}/{total} · ~{format_seconds(left_s)} left"
 
 
@@ -115,7 +118,8 @@ class Handlers:
     def check_before_queue(self, prompt, negative, alpha, guidance, steps, sampler, seed, num_images, width, height,
                            face_crop, photo_1, photo_2, photo_3, photo_4, whole_1, whole_2, whole_3, whole_4,
                            cache_interval, lora, lora_scale, crop_margin, attention_maps, identity_check,
-                           alpha_sweep, layout_boxes, keep_apart, shown, request: gr.Request):
+                           alpha_sweep, layout_boxes, keep_apart, refine_faces, face_strength, shown,
+                           request: gr.Request):
         """Runs before the job takes a queue slot: refuses a prompt that cannot match the photos, a subject with
         too many photos and a sweep that cannot run.
 
@@ -153,7 +157,8 @@ class Handlers:
     def generate(self, prompt, negative, alpha, guidance, steps, sampler, seed, num_images, width, height,
                  face_crop, photo_1, photo_2, photo_3, photo_4, whole_1, whole_2, whole_3, whole_4, cache_interval,
                  lora, lora_scale, crop_margin, attention_maps, identity_check, alpha_sweep, layout_boxes,
-                 keep_apart, shown, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - gradio's idiom
+                 keep_apart, refine_faces, face_strength, shown, request: gr.Request,
+                 progress=gr.Progress()):  # noqa: B008 - gradio's idiom
         """Yields (gallery, seed used, status, images kept on display)."""
         from ..generation.run import GenerationRequest
 
@@ -171,7 +176,8 @@ class Handlers:
                 cache_interval=1 if cache_interval is None else cache_interval,
                 crop_margin=None if crop_margin is None else float(crop_margin),
                 attention_maps=bool(attention_maps), identity_check=bool(identity_check),
-                boxes=boxes, separate=bool(keep_apart),
+                boxes=boxes, separate=bool(keep_apart), detail_faces=bool(refine_faces),
+                detail_strength=0.4 if face_strength is None else face_strength,
             )
             page = _PageInputs(
                 slots=[photo_1, photo_2, photo_3, photo_4][:MAX_SLOTS],
@@ -263,6 +269,11 @@ class Handlers:
                         return results, preview, False
                     kept = result_items(results, alphas)
                     yield kept + shown, event.result.seed, gr.update(), shown
+                elif isinstance(event, StepEvent) and event.stage:  # the face pass
+                    left = clock.face_seconds_left(event.stage, event.done, event.elapsed)
+                    bar = dict(progress=(event.done, event.total), unit="steps",
+                               desc=progress_text(event.done, event.total, left, sweep, event.stage))
+                    progress(**bar)
                 elif isinstance(event, StepEvent):
                     run.done, run.total = event.done, event.total
                     clock.step(event.done, event.elapsed)
