@@ -54,6 +54,11 @@ JOBS = [
      ["--prompt", "a woman img and a man img", "--image", "astronaut.png", "--image", "hopper.jpg", "--seed", "16",
       "--box", "0,0,0.5,1", "--box", "-", "--separate", "--steps", "2", "--height", "64", "--width", "64",
       "--no-face-crop"]),
+    # The face pass, with its own strength
+    ({"id": "faces", "prompt": "a woman img", "images": ["astronaut.png"], "seed": 17, "detail_faces": True,
+      "detail_strength": 0.5},
+     ["--prompt", "a woman img", "--image", "astronaut.png", "--seed", "17", "--detail-faces", "0.5", "--steps", "2",
+      "--height", "64", "--width", "64", "--no-face-crop"]),
     # No seed anywhere: a random one, recorded (the reference is given it below)
     ({"prompt": "a man img smiling", "images": ["hopper.jpg"]},
      ["--prompt", "a man img smiling", "--image", "hopper.jpg", "--steps", "2", "--height", "64", "--width", "64",
@@ -116,7 +121,7 @@ def single_run(tmp_path_factory):
 def test_outputs_equal_generate_runs_one_by_one(single_run, tmp_path, capsys):
     jobs, out, summary = single_run
     assert summary["totals"] == {"jobs": len(JOBS), "done": len(JOBS), "skipped": 0, "failed": 0}
-    assert list(summary["jobs"]) == job_ids() == ["3", "pair", "several", "two", "7", "placed", "9"]
+    assert list(summary["jobs"]) == job_ids() == ["3", "pair", "several", "two", "7", "placed", "faces", "10"]
     for (job, flags), job_id in zip(JOBS, job_ids()):
         entry = summary["jobs"][job_id]
         n = job.get("num_images", 1)
@@ -145,6 +150,7 @@ def test_outputs_equal_generate_runs_one_by_one(single_run, tmp_path, capsys):
     placed = read_record(out / "placed.png")
     assert placed.boxes == [[0.0, 0.0, 0.5, 1.0], None] and placed.separate is True
     assert read_record(out / "3.png").boxes is None and read_record(out / "3.png").separate is False
+    assert (read_record(out / "faces.png").detail_faces, read_record(out / "faces.png").detail_strength) == (True, 0.5)
     assert not list(out.glob(".*")), "no temporary or partial files are left"
 
 
@@ -333,8 +339,8 @@ def test_two_processes_split_the_jobs_and_write_what_one_process_writes(single_r
     listed = sorted(name for entry in summary["jobs"].values() for name in entry["files"])
     assert written == sorted([*listed, "summary.json"]) and len(listed) == len(set(listed))
     for job_id, entry in summary["jobs"].items():
-        if job_id == "9":  # the random-seed job: another seed, so other pixels; its seed is still recorded
-            assert read_record(out / "9.png").seed == entry["seed"]
+        if job_id == "10":  # the random-seed job: another seed, so other pixels; its seed is still recorded
+            assert read_record(out / "10.png").seed == entry["seed"]
             continue
         assert entry["seed"] == single_summary["jobs"][job_id]["seed"]
         for name in entry["files"]:

@@ -206,12 +206,14 @@ def test_layout_preset_drag_and_generate_at_two_widths(browser, url, tmp_path):
                            timeout=10_000)
     page.locator("#keep-apart input[type=checkbox]").check()
     page.locator("#attention input[type=checkbox]").check()
+    page.locator("#refine input[type=checkbox]").check()  # the face pass (off by default on a CPU)
     page.get_by_text("Advanced settings").click()
     for elem, value in (("steps", "2"), ("width", "256"), ("height", "256")):
         set_number(page, elem, value)
     page.locator("#generate").click()
     page.get_by_text("image(s) · seed").wait_for(timeout=120_000)
     page.locator("#gallery").get_by_text("map of image 1").wait_for(timeout=10_000)
+    page.locator("#gallery").get_by_text("refine").first.wait_for(timeout=10_000)  # the pass's word in the caption
     page.locator("#layout").scroll_into_view_if_needed()
     screenshot(page, tmp_path, "layout-1400")
     page.set_viewport_size({"width": 390, "height": 844})

@@ -140,7 +140,7 @@ def test_the_page_generates_with_boxes_and_restores_them(client):
     record = read_record(image_path(gallery[0]))
     assert record.boxes == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]] and record.separate is True
     restored = client.predict(handle_file(image_path(gallery[0])), api_name="/restore_settings")
-    assert restored[-2:] == ("0,0,0.5,1 | 0.5,0,1,1", True)
+    assert restored[16:18] == ("0,0,0.5,1 | 0.5,0,1,1", True)
     plain, _, _ = client.predict(**request(**two), api_name="/generate")  # the old call, without the new inputs
     assert read_record(image_path(plain[0])).boxes is None
     assert not np.array_equal(np.asarray(PIL.Image.open(image_path(plain[0]))),
@@ -178,3 +178,12 @@ def test_layout_presets_fit_the_subject_count():
     for count in range(1, 5):  # every preset is a valid layout at the smallest size
         for _, name in preset_choices(count):
             assert box_problem(preset_boxes(name, count), count, 256, 256) is None
+
+
+def test_the_page_refines_faces_and_restores_the_setting(client):
+    gallery, _, _ = client.predict(**request(seed=6, refine_faces=True, face_strength=0.55), api_name="/generate")
+    record = read_record(image_path(gallery[0]))
+    assert record.detail_faces is True and record.detail_strength == 0.55
+    assert gallery[0]["caption"].startswith("refine faces") or "refined" in gallery[0]["caption"]
+    restored = client.predict(handle_file(image_path(gallery[0])), api_name="/restore_settings")
+    assert restored[-2:] == (True, 0.55)

@@ -204,8 +204,8 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     need(isinstance(r.detail_faces, bool), "{detail_faces} must be true or false, got {value!r}", value=r.detail_faces)
     need(isinstance(r.detail_strength, (int, float)) and not isinstance(r.detail_strength, bool)
          and DETAIL.min_strength <= r.detail_strength <= DETAIL.max_strength,
-         "{detail_strength} must be from {lo} to {hi}, got {value}", lo=DETAIL.min_strength, hi=DETAIL.max_strength,
-         value=r.detail_strength)
+         "{detail_strength} must be from {lo:g} to {hi:g}, got {value}", lo=DETAIL.min_strength,
+         hi=DETAIL.max_strength, value=r.detail_strength)
     try:
         parsed = parse_prompt(r.prompt, tokenizer, max_subjects=limits.max_subjects)
     except ValueError as e:

@@ -19,6 +19,7 @@ from ..generation.estimate import Estimator, Hardware
 from .crops import SubjectLoader
 from .insight import InsightControls, build_insight
 from .layout import LayoutControls, build_layout, wire_layout
+from .mcp import ToolHandler, build_tool, not_a_tool
 from .photos import PhotoSlots, build_photo_slots, wire_photo_slots
 from .results import ResultsPanel, build_results, restore
 from .settings import SettingsControls, SpeedAdvice, build_settings, build_speed, wire_hint, wire_speed
@@ -49,6 +50,7 @@ def create_demo(
     preset: str | None = None,
     preset_reason: str | None = None,
     assets: str | os.PathLike | None = "auto",
+    allow_private_urls: bool = False,
 ) -> gr.Blocks:
     """Build the page.
 
@@ -60,6 +62,7 @@ def create_demo(
         preset: the default Speed (`presets.PRESETS`); by default `presets.default_app_preset` for `hardware`.
         preset_reason: why that is the default, shown on the page (with `preset`).
         assets: the folder of bundled example photos; "auto" finds it (`texts.find_assets`), None hides examples.
+        allow_private_urls: the MCP tool may fetch photos from loopback and private addresses (a local server).
     """
     from ..inputs.faces import default_cropper
     from ..inputs.prompt import load_tokenizer
@@ -106,6 +109,8 @@ def create_demo(
                         label="Examples (public-domain photos)")
         _wire(_Page(slots, controls, layout, insight, results, go, stop_btn, handlers, loader, advice, tokenizer,
                     settings, loras))
+        build_tool(ToolHandler(key=key, runner=handlers.runner, settings=settings, allow_private=allow_private_urls),
+                   settings.server.concurrency_id)
     demo.assets_dir = assets_dir  # `launch` serves this folder (and no other)
     return demo
 
@@ -147,15 +152,18 @@ def _wire(page: _Page) -> None:
     outputs = [results.gallery, results.used_seed, results.status, results.shown]
     common = dict(concurrency_id=server.concurrency_id, concurrency_limit=1, validator=handlers.check_before_queue,
                   show_progress_on=[results.gallery])  # one progress bar, on the gallery
-    gen_event = page.go.click(handlers.generate, inputs, outputs, api_name="generate", **common)
-    enter_event = c.prompt.submit(handlers.generate, inputs, outputs, api_name="generate_on_enter",
+    generate = not_a_tool(handlers.generate)  # /generate stays for gradio_client; agents get /compose (mcp.py)
+    gen_event = page.go.click(generate, inputs, outputs, api_name="generate", **common)
+    enter_event = c.prompt.submit(generate, inputs, outputs, api_name="generate_on_enter",
                                   api_visibility="undocumented", **common)
     note_inputs = [c.speed, c.sampler, c.steps, c.cache_interval, c.width, c.height, c.num_images]
     for event in (gen_event, enter_event):  # the estimate has just learnt this machine's speed
         event.then(page.advice.note, note_inputs, c.speed_note, queue=False, show_progress="hidden",
                    api_visibility="private")
 
-    page.stop_btn.click(handlers.stop, None, results.status, queue=False, api_name="stop", show_progress="hidden")
+    # The page's helpers (stop, restore, hint, previews, swaps): callable, but neither MCP tools nor documented
+    page.stop_btn.click(handlers.stop, None, results.status, queue=False, api_name="stop", show_progress="hidden",
+                        api_visibility="undocumented")
     page.stop_btn.click(handlers.stop_queued, results.stop_tick, results.stop_tick, queue=False,
                         show_progress="hidden", api_visibility="private")
     results.stop_tick.change(None, None, None, cancels=[gen_event, enter_event])  # queued runs only (run.py)
@@ -165,4 +173,4 @@ def _wire(page: _Page) -> None:
                                 [*settings_inputs, c.speed, c.cache_interval, c.lora, c.lora_scale, slots.margin,
                                  page.layout.boxes, page.layout.separate, page.insight.refine,
                                  page.insight.refine_strength],
-                                api_name="restore_settings")
+                                api_name="restore_settings", api_visibility="undocumented")

@@ -16,6 +16,7 @@ import gradio as gr
 from ..config import SETTINGS, Settings
 from ..generation.estimate import is_zerogpu
 from ..pipeline.presets import PRESET_ENV, PRESETS
+from .mcp import PRIVATE_URLS_ENV, return_every_output
 from .texts import REPO_ROOT, page_css
 
 logger = logging.getLogger("fastcomposer.app")
@@ -52,7 +53,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "and on ZeroGPU [FASTCOMPOSER_COMPILE=1/0]")
     p.add_argument("--no-safety-checker", action="store_true",
                    help="do not filter images (logs a warning) [FASTCOMPOSER_DISABLE_SAFETY=1]")
+    p.add_argument("--mcp", action=argparse.BooleanOptionalAction, default=_env_flag("FASTCOMPOSER_MCP"),
+                   help="also serve the MCP tool `compose` for AI assistants at /gradio_api/mcp/ (default: on in a "
+                   "Space, off elsewhere) [FASTCOMPOSER_MCP=1/0]")
+    p.add_argument("--allow-private-urls", action="store_true", default=_env_flag(PRIVATE_URLS_ENV) or False,
+                   help="the MCP tool may also fetch photos from loopback and private addresses (a local server "
+                   f"only; public servers fetch public addresses only) [{PRIVATE_URLS_ENV}=1]")
     return p
+
+
+def mcp_wanted(args: argparse.Namespace) -> bool:
+    """--mcp / --no-mcp when given; otherwise on in a Space (where the Hub shows the MCP badge), off elsewhere."""
+    wanted = getattr(args, "mcp", None)
+    return bool(os.environ.get("SPACE_ID")) if wanted is None else bool(wanted)
 
 
 def should_compile(args: argparse.Namespace) -> bool:
@@ -150,6 +163,9 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
     if args.weights and args.weights != "tiny":
         blocked.append(str(Path(args.weights).expanduser().resolve()))
     assets = getattr(demo, "assets_dir", None)
+    mcp = kwargs.pop("mcp_server", mcp_wanted(args))
+    if mcp:
+        return_every_output()
     demo.launch(
         server_name="0.0.0.0" if args.public and args.host == "127.0.0.1" else args.host,
         server_port=args.port,
@@ -159,6 +175,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         allowed_paths=[*([str(assets)] if assets else []), *kwargs.pop("allowed_paths", [])],  # extras: tests
         blocked_paths=blocked,
         css=kwargs.pop("css", page_css(SUBJECT_COLOURS)),
+        mcp_server=mcp,
         **kwargs,
     )
 
@@ -194,5 +211,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     pipe, banner = load_or_preview(args)
     preset = (args.preset, "chosen with --preset") if args.preset else (None, None)
-    demo = create_demo(lambda: pipe, banner, hardware=hardware_of(pipe), preset=preset[0], preset_reason=preset[1])
+    demo = create_demo(lambda: pipe, banner, hardware=hardware_of(pipe), preset=preset[0], preset_reason=preset[1],
+                       allow_private_urls=bool(args.allow_private_urls) and not args.public)
     launch(demo, args)

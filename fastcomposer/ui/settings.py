@@ -164,4 +164,4 @@ def wire_hint(c: SettingsControls, galleries: list, tokenizer, limits: Limits) -
                            total_photos=sum(len(paths) for _, paths in subjects)).text
 
     gr.on([c.prompt.change, *(g.change for g in galleries)], hint, [c.prompt, *galleries], c.hint, api_name="hint",
-          queue=False)
+          queue=False, api_visibility="undocumented")
