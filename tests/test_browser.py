@@ -140,7 +140,9 @@ def test_several_photos_with_thumbnails_crop_boxes_and_attention_at_two_widths(b
                            " && document.querySelectorAll('#photo-2 img').length === 1", timeout=60_000)
     page.wait_for_function("document.querySelectorAll('#preview-1 img').length === 2", timeout=60_000)
     page.locator("#status-1").get_by_text("2 photos ✓ (averaged into one subject)").wait_for(timeout=30_000)
-    page.locator("#status-2").get_by_text("photo 2: face found ✓").wait_for(timeout=30_000)
+    # numbered within its subject: the slot of subject 2 with one photo says "photo 1", not "photo 2"
+    page.locator("#status-2").get_by_text("photo 1: face found ✓").wait_for(timeout=30_000)
+    assert "photo 2" not in page.locator("#status-2").inner_text()
     assert page.locator("#preview-1").get_by_text("2 · face ✓").count() >= 1
     page.locator("#prompt textarea").fill("a woman img and a man img in a garden")
     page.get_by_text("2 subjects in prompt · photos of 2 subjects (3 photos) ✓").wait_for(timeout=30_000)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import http.server
 import io
 import socket
@@ -164,7 +163,8 @@ def mcp_session(url: str, calls: list[dict]) -> tuple[list, list]:
                 results = []
                 for call in calls:
                     progress = []
-                    callback = (lambda p, t, m: progress.append(m)) if call.pop("_progress", False) else None
+                    callback = ((lambda p, t, m, seen=progress: seen.append(m)) if call.pop("_progress", False)
+                                else None)
                     results.append((await session.call_tool("compose", call, progress_callback=callback), progress))
                 return tools, results
 

@@ -35,7 +35,7 @@ class PhotoPreview:
 
     image: PIL.Image.Image | None  # the photo with the crop drawn; None when it could not be read
     caption: str  # under the thumbnail, short enough for a phone: "2 · face ✓"
-    status: str  # the slot's status line about it: "photo 1: face found ✓" or "✗ ..."
+    status: str  # the slot's status line about it: "photo 1: face found ✓" (numbered within its subject) or "✗ ..."
     ok: bool  # usable as it is
 
 
@@ -108,6 +108,7 @@ class SubjectLoader:
         from ..inputs.images import ImageError, load_image
 
         name, number = photo_name(k, j, count), j + 1
+        here = f"photo {number}"  # the slot's own status line numbers its photos within the subject
         colour = self.colours[k % len(self.colours)]
         try:
             image, crop = self.load(name, path, face_crop, whole, margin)
@@ -116,16 +117,16 @@ class SubjectLoader:
         except NoFaceFoundError:
             photo = load_image(path, limits=self.limits)
             return PhotoPreview(draw_crop(photo, None, None, colour), f"{number} · ✗ no face",
-                                f"✗ no face found in {name}: tick {number} under 'Use whole photo' or try a "
+                                f"✗ no face found in {here}: tick {number} under 'Use whole photo' or try a "
                                 "clearer photo", False)
         except ValueError as e:
             return PhotoPreview(None, f"{number} · ✗ no detector", f"✗ {message_for(e, 'page')}", False)
         if crop is None:
             return PhotoPreview(draw_crop(image, None, None, colour), f"{number} · whole photo",
-                                f"{name}: whole photo", True)
+                                f"{here}: whole photo", True)
         several = f" ({crop.num_faces} faces: the largest is used)" if crop.num_faces > 1 else ""
         return PhotoPreview(draw_crop(image, crop.box, crop.face_box, colour), f"{number} · face ✓",
-                            f"{name}: face found ✓{several}", True)
+                            f"{here}: face found ✓{several}", True)
 
     def preview(self, k: int, paths: Sequence[str], face_crop: bool, wholes: Sequence[int],
                 margin: float | None) -> tuple[list, str]:
