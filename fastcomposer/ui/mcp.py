@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import warnings
 
 import gradio as gr
 
@@ -149,6 +150,10 @@ def return_every_output() -> None:
     from anyio.to_thread import run_sync
     from gradio.mcp import GradioMCPServer
 
+    # Gradio warns about gr.State inputs for every public endpoint, tools or not; the one State-taking endpoint is
+    # the page's /generate, which `not_a_tool` keeps off the tool list, so the warning would only mislead.
+    warnings.filterwarnings("ignore", message="This MCP server includes a tool that has a gr.State input",
+                            category=UserWarning, module="gradio.mcp")
     if getattr(GradioMCPServer._execute_tool_without_progress, "_every_output", False):
         return
 
