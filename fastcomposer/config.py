@@ -100,3 +100,19 @@ class Settings:
 
 
 SETTINGS = Settings()
+
+
+@dataclass(frozen=True)
+class DetailSettings:
+    """How the face pass works (generation/face_detail.py)."""
+
+    strength: float = 0.4  # the share of the schedule run again: keeps the face's shape, redraws its detail
+    min_strength: float = 0.05  # below this almost nothing is redrawn
+    max_strength: float = 1.0  # 1: the face is drawn afresh from noise (its position kept by the paste)
+    margin: float = 1.8  # crop side over face size: the whole face with hair and chin, so the model sees a face
+    side: int = 512  # the canvas the face is redrawn on: SD1.5's native size
+    feather: float = 0.15  # the paste fades over this share of the crop side at each edge: no seam
+    attention_lead: float = 1.25  # by attention, a face goes to the subject with this much more mass than the next
+
+
+DETAIL = DetailSettings()

@@ -208,6 +208,7 @@ def test_photos_by_url_and_by_data_uri_come_back_as_images_and_errors_as_tool_er
     assert not first.isError
     kinds = [c.type for c in first.content]
     assert kinds.count("image") == 2 and "seed 3" in first.content[-1].text and "2 image(s)" in first.content[-1].text
+    assert not any(c.type == "text" and c.text == "None" for c in first.content)  # no word for the empty slots
     assert any(m and "step" in m for m in progress)  # the run reported its steps to the client
     assert mismatch.isError and "2 subject(s) in the prompt but 1 photo(s)" in mismatch.content[0].text
     assert text.isError and "photo 1 of subject 1" in text.content[0].text

@@ -248,8 +248,9 @@ def test_each_photo_of_a_slot_gets_a_preview_and_problems_name_the_photo(tmp_pat
     broken.write_bytes(b"no image")
     gallery, status = loader.preview(1, [ASTRONAUT, str(wall), str(broken)], True, [], 2.0)
     assert [caption for _, caption in gallery] == ["1 · face ✓", "2 · ✗ no face"]  # the broken one has no picture
-    assert "no face found in photo 2 of subject 2: tick 2 under 'Use whole photo'" in status
-    assert "photo 3 of subject 2 is not a supported image" in status and str(tmp_path) not in status
+    # numbered within the subject, as the slot is the subject's own
+    assert "no face found in photo 2: tick 2 under 'Use whole photo'" in status
+    assert "photo 3 is not a supported image" in status and str(tmp_path) not in status
     crop = cropper.crop(photos["astronaut"], margin=2.0)  # the square drawn is the crop the model gets
     assert loader.for_generation(1, [ASTRONAUT], True, [], 2.0)[0].tobytes() == crop.image.tobytes()
     gallery, status = loader.preview(1, [ASTRONAUT, str(wall)], True, [2], 2.0)

@@ -33,23 +33,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..config import DETAIL, DetailSettings  # noqa: F401  (re-exported: the face pass's settings)
+
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DetailSettings:
-    """How the face pass works."""
-
-    strength: float = 0.4  # the share of the schedule run again: keeps the face's shape, redraws its detail
-    min_strength: float = 0.05  # below this almost nothing is redrawn
-    max_strength: float = 1.0  # 1: the face is drawn afresh from noise (its position kept by the paste)
-    margin: float = 1.8  # crop side over face size: the whole face with hair and chin, so the model sees a face
-    side: int = 512  # the canvas the face is redrawn on: SD1.5's native size
-    feather: float = 0.15  # the paste fades over this share of the crop side at each edge: no seam
-    attention_lead: float = 1.25  # by attention, a face goes to the subject with this much more mass than the next
-
-
-DETAIL = DetailSettings()
 FACE_PROMPT = "a close-up portrait photo of a {word} img"
 
 
@@ -192,7 +180,7 @@ def detail_images(pipe, request, images: list, hidden: list[bool], subjects: lis
     from ..inputs.faces import default_cropper
     from ..inputs.prompt import subject_words
     from ..pipeline.boxes import normalise_boxes
-    from .run import negative_prompt_of
+    from .request import negative_prompt_of
 
     cropper, words = cropper or default_cropper(), subject_words(request.prompt)
     boxes = normalise_boxes(request.boxes, len(subjects)) if request.boxes else None

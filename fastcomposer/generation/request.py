@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import PIL.Image
 
-from ..config import SETTINGS, Limits
+from ..config import DETAIL, SETTINGS, Limits
 from ..inputs.faces import MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
 from ..inputs.prompt import ParsedPrompt, parse_prompt
 from ..messages import UserFacingError, Wording
 from ..pipeline.boxes import box_problem
 from ..pipeline.schedulers import SCHEDULERS, max_steps
-from .face_detail import DETAIL
 from .metadata import GenerationRecord
 
 OOM_MESSAGE = "out of memory: try fewer images, fewer steps or a smaller size"  # the page's wording of OUT_OF_MEMORY
@@ -225,3 +224,8 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
     if problem is not None:
         raise GenerationError(BOX_PROBLEMS[problem[0]], box_k=BOX_NAME, **problem[1])
     return parsed
+
+
+def negative_prompt_of(request: GenerationRequest) -> str:
+    """The negative prompt a run uses: the request's, or ours when it gave none."""
+    return SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt

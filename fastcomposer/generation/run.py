@@ -33,6 +33,7 @@ from .request import (  # noqa: F401  (re-exported: `fastcomposer.generation.run
     GenerationError,
     GenerationRequest,
     GenerationResult,
+    negative_prompt_of,
     validate,
 )
 
@@ -197,11 +198,6 @@ class StepReporter:
         if self.stop is not None and self.stop.is_set():
             pipe.request_stop()
         return tensors
-
-
-def negative_prompt_of(request: GenerationRequest) -> str:
-    """The negative prompt a run uses: the request's, or ours when it gave none."""
-    return SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
 
 
 def run_pipeline(pipe, request: GenerationRequest, subjects: list[list], seed: int, reporter: StepReporter):

@@ -107,11 +107,11 @@ class SubjectLoader:
         from ..inputs.faces import NoFaceFoundError
         from ..inputs.images import ImageError, load_image
 
-        name, number = photo_name(k, j, count), j + 1
-        here = f"photo {number}"  # the slot's own status line numbers its photos within the subject
+        number = j + 1
+        here = f"photo {number}"  # inside subject k's slot its photos are numbered within the subject
         colour = self.colours[k % len(self.colours)]
         try:
-            image, crop = self.load(name, path, face_crop, whole, margin)
+            image, crop = self.load(here, path, face_crop, whole, margin)
         except ImageError as e:
             return PhotoPreview(None, f"{number} · ✗ unusable", f"✗ {e.message_for('page')}", False)
         except NoFaceFoundError:

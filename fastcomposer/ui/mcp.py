@@ -165,6 +165,25 @@ def return_every_output() -> None:
     GradioMCPServer._execute_tool_without_progress = without_progress
 
 
+def skip_empty_outputs() -> None:
+    """Leave the image slots past `num_images` out of a tool's result, instead of a text "None" for each.
+
+    Gradio 6.31's MCP server turns every output into content, an empty one into the text "None"; a model reading
+    "None" twice after its pictures may take it for a failure. Idempotent.
+    """
+    from gradio.mcp import GradioMCPServer
+
+    postprocess = GradioMCPServer.postprocess_output_data
+    if getattr(postprocess, "_skips_empty", False):
+        return
+
+    def without_empty(self, data, root_url):
+        return postprocess(self, [output for output in data if output is not None], root_url)
+
+    without_empty._skips_empty = True
+    GradioMCPServer.postprocess_output_data = without_empty
+
+
 def not_a_tool(fn):
     """`fn` as an API endpoint that the MCP server does not offer as a tool.
 

@@ -17,13 +17,14 @@ import gradio as gr
 from ..config import SETTINGS, Settings
 from ..generation.estimate import Estimator, Hardware
 from .crops import SubjectLoader
+from .examples import ExampleRun, build_examples
 from .insight import InsightControls, build_insight
 from .layout import LayoutControls, build_layout, wire_layout
 from .mcp import ToolHandler, build_tool, not_a_tool
 from .photos import PhotoSlots, build_photo_slots, wire_photo_slots
-from .results import ResultsPanel, build_results, restore
+from .results import ResultsPanel, build_results, restore, zip_results
 from .settings import SettingsControls, SpeedAdvice, build_settings, build_speed, wire_hint, wire_speed
-from .texts import CONSENT, EXAMPLES, HOW_TO, find_assets
+from .texts import CONSENT, HOW_TO, find_assets
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def create_demo(
     preset_reason: str | None = None,
     assets: str | os.PathLike | None = "auto",
     allow_private_urls: bool = False,
+    cache_examples: bool = False,
 ) -> gr.Blocks:
     """Build the page.
 
@@ -63,6 +65,8 @@ def create_demo(
         preset_reason: why that is the default, shown on the page (with `preset`).
         assets: the folder of bundled example photos; "auto" finds it (`texts.find_assets`), None hides examples.
         allow_private_urls: the MCP tool may fetch photos from loopback and private addresses (a local server).
+        cache_examples: an example's result is made at its first click and then shown at once (`examples.py`);
+            for a Space with the real weights (`server.main` decides).
     """
     from ..inputs.faces import default_cropper
     from ..inputs.prompt import load_tokenizer
@@ -103,15 +107,19 @@ def create_demo(
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=4):
                 results = build_results()
+        tool = ToolHandler(key=key, runner=handlers.runner, settings=settings, allow_private=allow_private_urls)
+        examples = None
         if assets_dir is not None:
-            gr.Examples([[p, [str(assets_dir / a)], [str(assets_dir / b)] if b else None] for p, a, b in EXAMPLES],
-                        inputs=[controls.prompt, slots.photos[0], slots.photos[1]],
-                        label="Examples (public-domain photos)")
+            cached_run = ExampleRun(tool=tool, loader=loader, preset=preset,
+                                    detail_faces=hardware.device not in ("cpu", "mps")) if cache_examples else None
+            examples = build_examples(assets_dir, controls.prompt, slots.photos, cached_run=cached_run,
+                                      outputs=[results.gallery, results.used_seed, results.status],
+                                      concurrency_id=settings.server.concurrency_id)
         _wire(_Page(slots, controls, layout, insight, results, go, stop_btn, handlers, loader, advice, tokenizer,
-                    settings, loras))
-        build_tool(ToolHandler(key=key, runner=handlers.runner, settings=settings, allow_private=allow_private_urls),
-                   settings.server.concurrency_id)
+                    settings, loras, examples))
+        build_tool(tool, settings.server.concurrency_id)
     demo.assets_dir = assets_dir  # `launch` serves this folder (and no other)
+    demo.examples_table = examples  # the `gr.Examples`, or None without example photos
     return demo
 
 
@@ -132,12 +140,15 @@ class _Page:
     tokenizer: object
     settings: Settings
     loras: dict[str, Path]
+    examples: gr.Examples | None  # the Examples table (examples.py), None without example photos
 
 
 def _wire(page: _Page) -> None:
     """The events: previews and hints, Speed, Generate, Stop, seed reuse, restore."""
     c, slots, results, handlers, server = page.controls, page.slots, page.results, page.handlers, page.settings.server
-    wire_photo_slots(slots, page.loader, c.prompt)
+    refresh_previews = wire_photo_slots(slots, page.loader, c.prompt)
+    if page.examples is not None:  # an example fills the slots without their change events: preview them here
+        page.examples.load_input_event.then(**refresh_previews, show_progress="hidden", api_visibility="private")
     wire_hint(c, slots.photos, page.tokenizer, page.settings.limits)
     wire_speed(c, page.advice)
     wire_layout(page.layout, c.prompt, c.width, c.height, slots.photos)
@@ -157,8 +168,10 @@ def _wire(page: _Page) -> None:
     enter_event = c.prompt.submit(generate, inputs, outputs, api_name="generate_on_enter",
                                   api_visibility="undocumented", **common)
     note_inputs = [c.speed, c.sampler, c.steps, c.cache_interval, c.width, c.height, c.num_images]
-    for event in (gen_event, enter_event):  # the estimate has just learnt this machine's speed
+    for event in (gen_event, enter_event):  # the estimate has just learnt this machine's speed; a new zip
         event.then(page.advice.note, note_inputs, c.speed_note, queue=False, show_progress="hidden",
+                   api_visibility="private")
+        event.then(zip_results, results.shown, results.download, queue=False, show_progress="hidden",
                    api_visibility="private")
 
     # The page's helpers (stop, restore, hint, previews, swaps): callable, but neither MCP tools nor documented

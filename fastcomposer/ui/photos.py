@@ -113,8 +113,12 @@ def _swap(a, b, wa, wb):
     return b, a, wb, wa
 
 
-def wire_photo_slots(slots: PhotoSlots, loader: SubjectLoader, prompt: gr.Textbox) -> None:
-    """Crop previews on every change of photos, whole-photo ticks, face crop and margin; headers; swaps."""
+def wire_photo_slots(slots: PhotoSlots, loader: SubjectLoader, prompt: gr.Textbox) -> dict:
+    """Crop previews on every change of photos, whole-photo ticks, face crop and margin; headers; swaps.
+
+    Returns the event arguments that redo every slot's preview (`fn`, `inputs`, `outputs`), for changes of photos
+    that fire no change event: Gradio 6.31's Gallery dispatches none when an example fills it.
+    """
     photos, wholes, n = slots.photos, slots.wholes, len(slots.photos)
 
     def shown(k, value, face_crop, whole, margin):
@@ -143,10 +147,11 @@ def wire_photo_slots(slots: PhotoSlots, loader: SubjectLoader, prompt: gr.Textbo
                                               ticks(values[k], face_crop, whole_values[k]))]
 
     everything = [x for k in range(n) for x in (slots.previews[k], slots.statuses[k], wholes[k])]
-    gr.on([slots.face_crop.change, slots.margin.release], preview_all,
-          [slots.face_crop, slots.margin, *photos, *wholes], everything, api_name="preview_all",
+    refresh = dict(fn=preview_all, inputs=[slots.face_crop, slots.margin, *photos, *wholes], outputs=everything)
+    gr.on([slots.face_crop.change, slots.margin.release], **refresh, api_name="preview_all",
           api_visibility="undocumented")
     prompt.change(headers_for, prompt, slots.headers, queue=False, show_progress="hidden", api_visibility="private")
     for k, button in enumerate(slots.swaps):
         pair = [photos[k], photos[k + 1], wholes[k], wholes[k + 1]]
         button.click(_swap, pair, pair, api_name=f"swap_{k + 1}", api_visibility="undocumented")
+    return refresh

@@ -1,8 +1,15 @@
-"""Results: the gallery (live previews while a run goes), the seed used, the status line, restoring settings."""
+"""Results: the gallery (live previews while a run goes), the seed used, the status line, "Download all",
+restoring settings."""
 
 from __future__ import annotations
 
+import re
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -18,6 +25,7 @@ class ResultsPanel:
     gallery: gr.Gallery
     used_seed: gr.Number
     reuse: gr.Button  # copies the seed used into the seed box
+    download: gr.DownloadButton  # every finished image on display, one zip, each PNG with its settings
     status: gr.Markdown  # one line: what happened ("2 image(s) · seed 42", "Stopped at step 4 of 51; ...")
     restore_file: gr.File  # a PNG made here: its settings go back into the controls
     shown: gr.State  # the finished images on display: they stay through previews, Stop and errors
@@ -36,11 +44,12 @@ def build_results() -> ResultsPanel:
     with gr.Row():
         used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
         reuse = gr.Button("♻ Reuse seed", size="sm")
+        download = gr.DownloadButton("⬇ Download all", size="sm", visible=False, elem_id="download-all")
     # No fixed height: at 90 px Gradio's drop zone cut its own "Drop File Here - or - Click to Upload" in half.
     restore_file = gr.File(label="Drop a PNG made here to restore its settings", file_types=[".png"],
                            type="filepath", elem_id="restore")
     stop_tick = gr.Number(0, visible="hidden", elem_id="stop-tick")
-    return ResultsPanel(gallery, used_seed, reuse, status, restore_file, gr.State([]), stop_tick)
+    return ResultsPanel(gallery, used_seed, reuse, download, status, restore_file, gr.State([]), stop_tick)
 
 
 def restore(path: str | None, loras: dict) -> tuple:
@@ -62,3 +71,34 @@ def restore(path: str | None, loras: dict) -> tuple:
             speed_of(record.scheduler, record.num_inference_steps, record.cache_interval), record.cache_interval,
             lora, scale, margin, format_boxes(record.boxes), bool(record.separate), bool(record.detail_faces),
             record.detail_strength if record.detail_faces and record.detail_strength else gr.update())
+
+
+def zip_results(shown: Sequence[tuple] | None, folder: Path | None = None, max_age_s: float = 3600.0):
+    """The Download all button for the images on display: one zip of PNGs, the images with their settings (drop one
+    on the page to restore them), then any attention map or sweep grid. Hidden when there is nothing to download.
+
+    The zips go to a folder of their own; those older than `max_age_s` (the server's upload lifetime, see
+    config.py) are deleted on each call, as Gradio deletes its own copies.
+    """
+    from ..generation.metadata import read_record, save_png
+
+    if not shown:
+        return gr.update(visible=False, value=None)
+    folder = folder or Path(tempfile.gettempdir()) / "fastcomposer-downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.zip"):
+        if time.time() - old.stat().st_mtime > max_age_s:
+            old.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix="fastcomposer-", suffix=".zip", dir=folder)
+    with open(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as archive, tempfile.TemporaryDirectory() as work:
+        for n, (image, caption) in enumerate(shown, start=1):
+            record = read_record(image)
+            slug = (f"seed{record.seed}-image{record.image_index + 1}" if record is not None
+                    else re.sub(r"[^a-z0-9]+", "-", (caption or "image").lower()).strip("-")[:40] or "image")
+            path = Path(work) / f"{n:02d}-{slug}.png"
+            if record is not None:
+                save_png(image, path, record)
+            else:
+                image.save(path, format="PNG")
+            archive.write(path, path.name)
+    return gr.update(visible=True, value=name)

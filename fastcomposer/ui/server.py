@@ -16,8 +16,8 @@ import gradio as gr
 from ..config import SETTINGS, Settings
 from ..generation.estimate import is_zerogpu
 from ..pipeline.presets import PRESET_ENV, PRESETS
-from .mcp import PRIVATE_URLS_ENV, return_every_output
-from .texts import REPO_ROOT, page_css
+from .mcp import PRIVATE_URLS_ENV, return_every_output, skip_empty_outputs
+from .texts import REPO_ROOT, page_css, page_theme
 
 logger = logging.getLogger("fastcomposer.app")
 
@@ -166,6 +166,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
     mcp = kwargs.pop("mcp_server", mcp_wanted(args))
     if mcp:
         return_every_output()
+        skip_empty_outputs()
     demo.launch(
         server_name="0.0.0.0" if args.public and args.host == "127.0.0.1" else args.host,
         server_port=args.port,
@@ -175,6 +176,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, settings: Settings = SETTI
         allowed_paths=[*([str(assets)] if assets else []), *kwargs.pop("allowed_paths", [])],  # extras: tests
         blocked_paths=blocked,
         css=kwargs.pop("css", page_css(SUBJECT_COLOURS)),
+        theme=kwargs.pop("theme", page_theme()),
         mcp_server=mcp,
         **kwargs,
     )
@@ -201,6 +203,11 @@ def bound_queue(demo: gr.Blocks) -> None:
     queue.push = one_at_a_time
 
 
+def caches_examples(banner: str | None) -> bool:
+    """Examples are cached (lazily) on a Space with the real weights only: `banner` is None unless it is a preview."""
+    return bool(os.environ.get("SPACE_ID")) and banner is None
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Parse options, load, serve: `python app.py` and `python -m fastcomposer serve`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -212,5 +219,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     pipe, banner = load_or_preview(args)
     preset = (args.preset, "chosen with --preset") if args.preset else (None, None)
     demo = create_demo(lambda: pipe, banner, hardware=hardware_of(pipe), preset=preset[0], preset_reason=preset[1],
-                       allow_private_urls=bool(args.allow_private_urls) and not args.public)
+                       allow_private_urls=bool(args.allow_private_urls) and not args.public,
+                       cache_examples=caches_examples(banner))
     launch(demo, args)
