@@ -71,7 +71,8 @@ def main() -> None:
         images.append(timed(main_image, device))
         faces.append(timed(one_face, device))
     image_s, face_s = statistics.median(images), statistics.median(faces)
-    report = {"benchmark": "bench_face_pass", "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+    report = {"benchmark": "bench_face_pass", "device": device_name(device),
+              "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "sampler": "dpm, 20 steps", "strength": DETAIL.strength,
               "face_steps": min(int(fast.num_inference_steps * DETAIL.strength), fast.num_inference_steps),
               "seconds_per_main_image": round(image_s, 2), "seconds_per_face": round(face_s, 2),
