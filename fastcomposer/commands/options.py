@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import SETTINGS
 from ..messages import message_for
+from ..pipeline.boxes import parse_box
 from ..pipeline.presets import PRESETS, default_steps
 from ..pipeline.schedulers import SCHEDULERS
 
@@ -176,17 +177,11 @@ def parse_boxes(values: list | None) -> list | None:
         if not isinstance(value, str):
             boxes.append(value)
             continue
-        if value.strip() in ("-", ""):
-            boxes.append(None)
-            continue
         try:
-            numbers = tuple(float(v) for v in value.split(","))
+            boxes.append(parse_box(value))
         except ValueError:
-            numbers = ()
-        if len(numbers) != 4:
             raise UserError(f"--box {value!r} (number {k}) must be four numbers X0,Y0,X1,Y1 from 0 to 1, e.g. "
-                            "0,0,0.5,1, or - for a free subject")
-        boxes.append(numbers)
+                            "0,0,0.5,1, or - for a free subject") from None
     return boxes
 
 

@@ -55,6 +55,21 @@ def format_boxes(boxes: Sequence | None) -> str:
     return " | ".join("-" if box is None else ",".join(f"{float(v):g}" for v in box) for box in boxes)
 
 
+def parse_box(text: str) -> Box | None:
+    """One subject's box from "x0,y0,x1,y1" (None for "-" or nothing: a free subject). Raises ValueError unless it
+    is four numbers; the callers word the message for their audience."""
+    text = text.strip()
+    if text in ("-", ""):
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError("a box is four numbers")
+    return values
+
+
 def parse_boxes_text(text: str | None) -> list[Box | None] | None:
     """The inverse of `format_boxes`: None for empty text. Raises ValueError naming the part it cannot read."""
     text = (text or "").strip()
@@ -62,18 +77,11 @@ def parse_boxes_text(text: str | None) -> list[Box | None] | None:
         return None
     boxes: list[Box | None] = []
     for k, part in enumerate(text.split("|"), start=1):
-        part = part.strip()
-        if part in ("-", ""):
-            boxes.append(None)
-            continue
         try:
-            values = tuple(float(v) for v in part.replace(" ", "").split(","))
+            boxes.append(parse_box(part))
         except ValueError:
-            values = ()
-        if len(values) != 4:
-            raise ValueError(f"box {k} ({part[:30]!r}) must be four numbers x0,y0,x1,y1 from 0 to 1, or - for a "
-                             "free subject")
-        boxes.append(values)
+            raise ValueError(f"box {k} ({part.strip()[:30]!r}) must be four numbers x0,y0,x1,y1 from 0 to 1, or - "
+                             "for a free subject") from None
     return boxes
 
 
