@@ -119,6 +119,25 @@ def test_an_unmatched_face_is_left_alone(tiny_pipe, scene, photos, cropper):
     assert result.notes == ["1 face refined"]
 
 
+def test_the_identity_reports_assignment_matches_a_face_no_box_or_attention_claims(tiny_pipe, scene, photos,
+                                                                                    cropper):
+    from fastcomposer.generation.face_detail import assignment_of
+    from fastcomposer.identity.report import IdentityReport, SubjectIdentity
+
+    faces = sorted(cropper.detect(scene), key=lambda f: f.box[0])  # the astronaut left, Grace Hopper right
+    # The check's report on this image, as `check_images` makes it: the right face went to subject 1 (the man)
+    report = IdentityReport(True, subjects=[SubjectIdentity("woman"), SubjectIdentity("man", 0.6, 1)],
+                            num_faces=2, faces=[tuple(f.box) for f in faces])  # the woman: not found
+    whose = assignment_of([report])
+    assert whose(0, tuple(int(v) for v in faces[1].box)) == 1 and whose(0, tuple(int(v) for v in faces[0].box)) is None
+    assert assignment_of([]) is None  # the check off
+    result = run(tiny_pipe, scene, photos, cropper, req=request(boxes=None), identity=whose)
+    matches = sorted(result.matches[0], key=lambda m: m.face[0])
+    assert [(m.subject, m.how) for m in matches] == [(None, ""), (1, "identity")]
+    x0, y0, x1, y1 = matches[0].crop  # the face nobody claimed is left as it was
+    assert np.array_equal(np.asarray(scene)[y0:y1, x0:x1], np.asarray(result.images[0])[y0:y1, x0:x1])
+
+
 def test_stop_during_the_pass_keeps_the_image_without_the_unfinished_face(tiny_pipe, scene, photos, cropper):
     stop = threading.Event()
 

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DETAIL
 from ..generation.run import GenerationRequest, validate
 from ..inputs.images import ImageError, load_image
 from .options import CLI_LIMITS, UserError, output_paths, request_from_args
@@ -234,7 +235,8 @@ def job_settings(entry: dict, defaults: argparse.Namespace) -> argparse.Namespac
         setattr(settings, attr, not value if key == "face_crop" else value)
     # --detail-faces [STRENGTH] is one flag for two keys: None (off) or the strength
     detail = given.get("detail_faces", defaults.detail_faces is not None)
-    strength = given.get("detail_strength", defaults.detail_faces if defaults.detail_faces is not None else 0.4)
+    default_strength = defaults.detail_faces if defaults.detail_faces is not None else DETAIL.strength
+    strength = given.get("detail_strength", default_strength)
     settings.detail_faces = float(strength) if detail is True else None
     if "detail_strength" in given and detail is not True:
         raise JobError('"detail_strength" needs "detail_faces": true')

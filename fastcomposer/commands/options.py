@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import SETTINGS
+from ..config import DETAIL, SETTINGS
 from ..messages import message_for
 from ..pipeline.boxes import parse_box
 from ..pipeline.presets import PRESETS, default_steps
@@ -69,7 +69,7 @@ def add_generation_args(p: argparse.ArgumentParser, sweeps: bool = True) -> None
                    "once per subject in `img` order, '-' for a subject left free")
     p.add_argument("--separate", action="store_true",
                    help="keep the subjects apart without boxes: each keeps the region it takes in the first steps")
-    p.add_argument("--detail-faces", nargs="?", type=float, const=0.4, default=None, metavar="STRENGTH",
+    p.add_argument("--detail-faces", nargs="?", type=float, const=DETAIL.strength, default=None, metavar="STRENGTH",
                    help="the face pass: redraw each subject's face at full size with that subject alone, from "
                    "STRENGTH of the schedule (default 0.4; 0.05-1)")
     p.add_argument("--identity-check", action="store_true",
@@ -163,7 +163,7 @@ def request_from_args(args: argparse.Namespace, prompt: str, images: list, alpha
         preset=args.preset,
         identity_check=args.identity_check, boxes=parse_boxes(args.box), separate=bool(args.separate),
         detail_faces=args.detail_faces is not None,
-        detail_strength=0.4 if args.detail_faces is None else args.detail_faces,
+        detail_strength=DETAIL.strength if args.detail_faces is None else args.detail_faces,
     )
 
 

@@ -211,6 +211,12 @@ def run_case(pipe, case: Case, variant: Variant, run: _Run, refs: np.ndarray) ->
     s = run.settings
     folder = run.out / "images" / _safe(variant.name) / case.name
     folder.mkdir(parents=True, exist_ok=True)
+    # The photos (the variant may take fewer) are cropped once for all the case's prompts, alphas and seeds
+    photos = variant.change(case_request(case, case.prompts[0], s.alphas[0], s.seeds[0], s)).images
+    try:
+        subjects = prepare_subjects(photos, s.face_crop)
+    except ValueError as e:
+        raise EvaluationError(f"case {case.name!r}: {e}") from None
     for p, prompt in enumerate(case.prompts):
         for alpha in s.alphas:
             for seed in s.seeds:
@@ -219,7 +225,6 @@ def run_case(pipe, case: Case, variant: Variant, run: _Run, refs: np.ndarray) ->
                 request = variant.change(case_request(case, prompt, alpha, seed, s))
                 start = time.perf_counter()
                 try:
-                    subjects = prepare_subjects(request.images, s.face_crop)
                     result = generate(pipe, request, subjects=subjects, limits=run.limits)
                 except (GenerationError, ValueError) as e:
                     raise EvaluationError(f"case {case.name!r}, prompt {p + 1}: {e}") from None

@@ -37,10 +37,6 @@ class Variant:
     lora: str | None = None  # a LoRA spec applied for this variant's runs
 
 
-def side_by_side(count: int) -> list | None:
-    return None if count < 2 else [(k / count, 0.0, (k + 1) / count, 1.0) for k in range(count)]
-
-
 def _preset(name: str) -> Callable:
     from ..pipeline.presets import get_preset
 
@@ -54,7 +50,9 @@ def parse_variant(text: str) -> Variant:
     if name in PRESET_NAMES:
         return Variant(name, _preset(name))
     if name == "layout":
-        return Variant(name, lambda r: replace(r, boxes=side_by_side(len(r.images))))
+        from ..pipeline.boxes import side_by_side
+
+        return Variant(name, lambda r: replace(r, boxes=side_by_side(len(r.images)) if len(r.images) > 1 else None))
     if name == "separate":
         return Variant(name, lambda r: replace(r, separate=True))
     if name == "detail":

@@ -22,6 +22,8 @@ import os
 import threading
 from dataclasses import dataclass
 
+from ..config import DETAIL
+
 # A DeepCache step reruns only the outermost UNet layers: "about a tenth of a full one" (caching.py).
 CACHED_STEP_COST = 0.1
 # The VAE's encoder (the face pass encodes each face crop) costs about half its decoder: it has about half the
@@ -118,7 +120,7 @@ class Workload:
         alpha: float = 0.75,
         guidance_scale: float = 5.0,
         faces: int = 0,
-        face_strength: float = 0.4,
+        face_strength: float = DETAIL.strength,
     ) -> Workload:
         """The workload of a request; full passes follow the cache's own rule (see `caching.is_full_pass`)."""
         iterations = int(steps) + 1 if scheduler == "pndm" else int(steps)
@@ -126,7 +128,9 @@ class Workload:
         first_subject = next((i for i in range(iterations) if i > switch), None)
         interval = max(1, int(cache_interval))
         schedule = tuple(_is_full_pass(i, interval, first_subject) for i in range(iterations))
+        # As `redraw.img2img_timesteps` takes them; PNDM's schedule has its one extra iteration there too
         face_steps = min(int(int(steps) * float(face_strength)), int(steps)) if faces else 0
+        face_steps += 1 if faces and scheduler == "pndm" else 0
         return cls(iterations, sum(schedule), int(width), int(height), int(num_images), int(photos),
                    guidance_scale > 1.0, schedule, int(faces), face_steps)
 

@@ -10,7 +10,8 @@ Per image:
 1. **Faces**: our face detector (RetinaFace, MTCNN offline).
 2. **Whose**: the layout box holding the face's centre; else the subject whose attention (captured in the main run,
    or the region separation gave it) has the most mass in the face box, clearly more than the next; else the
-   identity check's optimal assignment when its model is available. A face matched to no subject is left alone.
+   identity check's optimal assignment when the request has the check on (its report on the image, made before the
+   pass with the same detector, says which face went to whom). A face matched to no subject is left alone.
 3. **Redraw**: a square around the face (`margin` x its size), enlarged to 512 px, noised to `strength` and
    denoised with "a close-up portrait photo of a <word> img" and that subject's photos. The main prompt's style
    words are not added: whether they help cannot be measured on random weights; at strength 0.4 the crop keeps
@@ -57,7 +58,10 @@ def detail_seed(seed: int, image_index: int, face_index: int) -> int:
 
 
 def face_crop(face: Sequence[int], size: tuple[int, int], margin: float = DETAIL.margin) -> tuple[int, int, int, int]:
-    """A square `margin` x the face's larger side, centred on the face, shifted (never shrunk) into the image."""
+    """A square `margin` x the face's larger side, centred on the face, shifted (never shrunk) into the image.
+
+    Not `inputs.faces.square_box`: that one frames the encoder's head-and-shoulders crop (sized by the face's width,
+    centred lower, shrunk to fit); this one frames the face itself, which is what is redrawn."""
     width, height = size
     x0, y0, x1, y1 = face
     side = min(round(max(x1 - x0, y1 - y0) * margin), width, height)
@@ -114,21 +118,22 @@ def paste(image: PIL.Image.Image, redrawn: PIL.Image.Image, crop: tuple[int, int
 
 
 def match_faces(faces: list, size: tuple[int, int], boxes: Sequence | None, maps: torch.Tensor | None,
-                identity: Callable | None = None) -> list[FaceMatch]:
+                identity: Callable | None = None, settings: DetailSettings = DETAIL) -> list[FaceMatch]:
     """Whose each face is (see the module docstring); each subject gets at most one face, the first found for it."""
     matches, taken = [], set()
     for face in faces:
         box = tuple(int(v) for v in face.box)
         subject, how = by_box(box, size, boxes), "box"
         if subject is None:
-            subject, how = by_attention(box, size, maps), "attention"
+            subject, how = by_attention(box, size, maps, settings.attention_lead), "attention"
         if subject is None and identity is not None:
             subject, how = identity(box), "identity"
         if subject in taken:
             subject = None
         if subject is not None:
             taken.add(subject)
-        matches.append(FaceMatch(box, face_crop(box, size), subject, how if subject is not None else ""))
+        how = how if subject is not None else ""
+        matches.append(FaceMatch(box, face_crop(box, size, settings.margin), subject, how))
     return matches
 
 
@@ -175,7 +180,8 @@ def detail_images(pipe, request, images: list, hidden: list[bool], subjects: lis
         subjects: per subject, the encoder's inputs (its crops); each face is redrawn with its subject's alone.
         attention: the main run's `SubjectAttention` (captured when the pass is on), for matching faces.
         on_stage: called as `on_stage("image 1 · face 2/3", done, total)` at each redraw step.
-        identity: `identity(image, face_box) -> subject or None`, the third way to match (the identity check).
+        identity: `identity(image_index, face_box) -> subject or None`, the third way to match (see
+            `assignment_of`).
     """
     from ..inputs.faces import default_cropper
     from ..inputs.prompt import subject_words
@@ -187,8 +193,8 @@ def detail_images(pipe, request, images: list, hidden: list[bool], subjects: lis
     out = DetailResult([], [], [])
     for k, image in enumerate(images):
         faces = [] if hidden[k] else cropper.detect(image)
-        ask = None if identity is None else (lambda box, image=image: identity(image, box))
-        matches = match_faces(faces, image.size, boxes, image_maps(attention, k), ask)
+        ask = None if identity is None else (lambda box, k=k: identity(k, box))
+        matches = match_faces(faces, image.size, boxes, image_maps(attention, k), ask, settings)
         todo = [m for m in matches if m.subject is not None]
         redrawn_faces = 0
         for f, match in enumerate(todo):
@@ -210,6 +216,29 @@ def detail_images(pipe, request, images: list, hidden: list[bool], subjects: lis
         out.matches.append(matches)
         out.notes.append(detail_note(matches, redrawn_faces, hidden[k], out.stopped and redrawn_faces < len(todo)))
     return out
+
+
+def assignment_of(reports: Sequence) -> Callable | None:
+    """The identity check's assignment as a way to match faces: `(image_index, face_box) -> subject or None`.
+
+    Each image's report was made before the pass, on the same image with the same detector, so its face boxes are
+    the pass's; the subject it gave a face to is read back, and nothing is embedded again. None
+    without reports (the check off) or when they cannot say (unavailable).
+    """
+    if not reports or not any(r.available for r in reports):
+        return None
+
+    def whose(image_index: int, face_box: Sequence[int]) -> int | None:
+        report = reports[image_index] if image_index < len(reports) else None
+        if report is None or not report.available:
+            return None
+        found = [i for i, box in enumerate(report.faces) if tuple(int(v) for v in box) == tuple(face_box)]
+        if not found:
+            return None
+        owners = [k for k, s in enumerate(report.subjects) if s.found and s.face == found[0]]
+        return owners[0] if owners else None
+
+    return whose
 
 
 def detail_note(matches: list[FaceMatch], redrawn: int, hidden: bool, stopped: bool) -> str:

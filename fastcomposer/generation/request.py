@@ -8,6 +8,7 @@ Python (`message_for`, see messages.py): settings are named as each knows them (
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from ..config import DETAIL, SETTINGS, Limits
 from ..inputs.faces import MARGIN_HEAD_AND_SHOULDERS, MARGIN_TIGHT_FACE
 from ..inputs.prompt import ParsedPrompt, parse_prompt
 from ..messages import UserFacingError, Wording
-from ..pipeline.boxes import box_problem
+from ..pipeline.boxes import BOX_PROBLEMS, box_problem
 from ..pipeline.schedulers import SCHEDULERS, max_steps
 from .metadata import GenerationRecord
 
@@ -66,25 +67,6 @@ REMOVE_A_PHOTO = Wording("remove a photo or add `img` after a subject word",
 
 
 BOX_NAME = Wording("layout box {k}", "--box number {k}", "box {k} of `boxes`")  # `{box_k}` below
-# `layout.box_problem`'s reasons, per audience: the page's Layout boxes, the command line's --box (in subject
-# order), Python's `boxes`.
-BOX_PROBLEMS = {
-    "not_a_list": Wording.same("{boxes} must be a list with one (x0, y0, x1, y1) box or None per subject"),
-    "too_many": Wording(
-        page="{n} layout boxes for {subjects} subject(s); give one per subject",
-        cli="{n} --box values for {subjects} subject(s); give one --box per subject, in `img` order (--box - for a "
-        "free subject)",
-        api="`boxes` has {n} entries for {subjects} subject(s); give one per subject, in marker order",
-    ),
-    "not_four": Wording(page="layout box {k} must be four numbers", cli="--box number {k} must be X0,Y0,X1,Y1",
-                        api="`boxes` entry {k} must be four numbers (x0, y0, x1, y1) or None"),
-    "outside": Wording.same("{box_k} {box} is outside the image: each value is a fraction of width or height, from "
-                            "0 to 1"),
-    "empty": Wording.same("{box_k} {box} is empty or inverted: x1 must be greater than x0, and y1 greater than y0"),
-    "too_small": Wording.same("{box_k} is {w_px}x{h_px} px, smaller than one latent cell ({cell} px); make it larger"),
-}
-
-
 class GenerationError(UserFacingError, ValueError):
     """A request that cannot run as given; `message_for(audience)` words it for the page, CLI or Python."""
 
@@ -116,7 +98,7 @@ class GenerationRequest:
     boxes: Sequence[Sequence[float] | None] | None = None
     separate: bool = False  # keep the subjects apart without boxes (automatic separation)
     detail_faces: bool = False  # the face pass: each subject's face redrawn with that subject alone (face_detail.py)
-    detail_strength: float = 0.4  # the share of the schedule the face pass runs again, from 0.05 to 1
+    detail_strength: float = DETAIL.strength  # the share of the schedule the face pass runs again, from 0.05 to 1
 
 
 @dataclass
@@ -229,3 +211,8 @@ def validate(request: GenerationRequest, tokenizer, limits: Limits = SETTINGS.li
 def negative_prompt_of(request: GenerationRequest) -> str:
     """The negative prompt a run uses: the request's, or ours when it gave none."""
     return SETTINGS.defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
+
+
+def seed_of(seed: int, limits: Limits = SETTINGS.limits) -> int:
+    """The seed a run uses: the one given, or a fresh random one for -1."""
+    return secrets.randbelow(limits.max_seed + 1) if seed == -1 else int(seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -34,6 +33,7 @@ from .request import (  # noqa: F401  (re-exported: `fastcomposer.generation.run
     GenerationRequest,
     GenerationResult,
     negative_prompt_of,
+    seed_of,
     validate,
 )
 
@@ -117,7 +117,7 @@ def generate(
     subjects = encoder_inputs(request, subjects, crop_fn)
 
     # 3. Seed: a CPU generator, so a seed means the same image on any device
-    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
+    seed = seed_of(request.seed, limits)
     if stop is not None and stop.is_set():  # stopped while photos were prepared: run nothing
         return GenerationResult([], [], seed, interrupted=True)
 
@@ -149,14 +149,16 @@ def face_pass(pipe, request: GenerationRequest, out, subjects: list, seed: int, 
     """Run the face pass on `out.images` in place when the request asks for it; its `DetailResult`, else None."""
     if not request.detail_faces or not out.images or out.interrupted:
         return None
-    from .face_detail import detail_images
+    from .face_detail import assignment_of, detail_images
 
     hidden = list(out.nsfw_content_detected or [False] * len(out.images))
-    for record, report in zip(records, check_identity(request, out, subjects, [])):
+    before = check_identity(request, out, subjects, [])
+    for record, report in zip(records, before):
         record.identity_before = report.to_dict()
     try:
         detail = detail_images(pipe, request, list(out.images), hidden, subjects, seed,
-                               getattr(out, "attention", None), on_stage=on_stage, stop=stop)
+                               getattr(out, "attention", None), on_stage=on_stage, stop=stop,
+                               identity=assignment_of(before))
     except torch.OutOfMemoryError:
         detail = None  # the main images are kept
     if detail is None:

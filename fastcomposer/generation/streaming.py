@@ -21,7 +21,6 @@ that run's events, its `ResultEvent` included, so each finished cell reaches the
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from dataclasses import dataclass, replace
 import PIL.Image
 
 from ..config import SETTINGS, Limits
+from .request import seed_of
 from .run import GenerationRequest, GenerationResult, generate
 from .sweep import parse_alphas
 
@@ -162,7 +162,7 @@ def stream_sweep(
         ValueError: `alphas` is not a valid sweep (`sweep.parse_alphas`). Otherwise what `generate` raises.
     """
     alphas = parse_alphas(alphas)
-    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
+    seed = seed_of(request.seed, limits)
     for k, alpha in enumerate(alphas):
         yield RunEvent(k, len(alphas), alpha)
         run = replace(request, alpha=alpha, seed=seed)

@@ -8,7 +8,6 @@ cell is exactly the image a single run at that alpha gives.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 from ..config import SETTINGS, Limits
+from .request import seed_of
 from .run import GenerationRequest, GenerationResult, generate
 
 MAX_SWEEP = 8  # alphas per sweep: a grid wider than this is unreadable on a screen
@@ -55,7 +55,7 @@ def alpha_sweep(
         One `GenerationResult` per alpha, in order; a stopped run ends the sweep (its result is last).
     """
     alphas = parse_alphas(alphas)
-    seed = secrets.randbelow(limits.max_seed + 1) if request.seed == -1 else int(request.seed)
+    seed = seed_of(request.seed, limits)
     results = []
     for k, alpha in enumerate(alphas):
         if on_run is not None:

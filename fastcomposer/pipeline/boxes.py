@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ..messages import Wording
+
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), fractions of the image's width and height
 
 
@@ -44,8 +46,32 @@ def box_problem(boxes: Sequence | None, num_subjects: int, height: int, width: i
     return None
 
 
+# `box_problem`'s reasons, per audience: the page's Layout boxes, the command line's --box (in subject order),
+# Python's `boxes` (the pipeline's own checks use that wording too). `{box_k}` names the box for the audience.
+BOX_PROBLEMS = {
+    "not_a_list": Wording.same("{boxes} must be a list with one (x0, y0, x1, y1) box or None per subject"),
+    "too_many": Wording(
+        page="{n} layout boxes for {subjects} subject(s); give one per subject",
+        cli="{n} --box values for {subjects} subject(s); give one --box per subject, in `img` order (--box - for a "
+        "free subject)",
+        api="`boxes` has {n} entries for {subjects} subject(s); give one per subject, in marker order",
+    ),
+    "not_four": Wording(page="layout box {k} must be four numbers", cli="--box number {k} must be X0,Y0,X1,Y1",
+                        api="`boxes` entry {k} must be four numbers (x0, y0, x1, y1) or None"),
+    "outside": Wording.same("{box_k} {box} is outside the image: each value is a fraction of width or height, from "
+                            "0 to 1"),
+    "empty": Wording.same("{box_k} {box} is empty or inverted: x1 must be greater than x0, and y1 greater than y0"),
+    "too_small": Wording.same("{box_k} is {w_px}x{h_px} px, smaller than one latent cell ({cell} px); make it larger"),
+}
+
+
 def _show(box: Sequence) -> str:
     return "(" + ", ".join(f"{float(v):g}" for v in box) + ")"
+
+
+def side_by_side(count: int) -> list[Box]:
+    """`count` equal columns, left to right, in marker order (the page's "Side by side", evaluate's `layout`)."""
+    return [(round(k / count, 4), 0.0, round((k + 1) / count, 4), 1.0) for k in range(count)]
 
 
 def format_boxes(boxes: Sequence | None) -> str:

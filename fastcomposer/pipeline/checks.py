@@ -11,7 +11,7 @@ import PIL.Image
 
 from ..config import SETTINGS
 from ..inputs.prompt import ParsedPrompt
-from .boxes import box_problem
+from .boxes import BOX_PROBLEMS, box_problem
 
 
 def check_call(
@@ -60,15 +60,5 @@ def check_call(
         raise ValueError(f"`num_images_per_prompt` must be a positive integer but is {num_images_per_prompt!r}")
     problem = box_problem(boxes, n, height, width)
     if problem is not None:
-        raise ValueError(BOX_PROBLEMS[problem[0]].format(**problem[1]))
-
-
-# The pipeline's wording of `layout.box_problem`'s reasons (the request layer words them per audience).
-BOX_PROBLEMS = {
-    "not_a_list": "`boxes` must be a list with one (x0, y0, x1, y1) box or None per subject",
-    "too_many": "`boxes` has {n} entries for {subjects} subject(s); give one per subject, in marker order",
-    "not_four": "`boxes` entry {k} must be four numbers (x0, y0, x1, y1) or None",
-    "outside": "box {k} {box} is outside the image: each value is a fraction of width or height, from 0 to 1",
-    "empty": "box {k} {box} is empty or inverted: x1 must be greater than x0, and y1 greater than y0",
-    "too_small": "box {k} is {w_px}x{h_px} px, smaller than one latent cell ({cell} px); make it larger",
-}
+        reason, facts = problem
+        raise ValueError(BOX_PROBLEMS[reason].render("api", {"box_k": f"box {facts.get('k')}", **facts}))

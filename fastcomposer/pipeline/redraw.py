@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..config import DETAIL
 from ..inputs.prompt import parse_prompt
 from .denoising import DelayedConditioning, LoopSettings
 from .subjects import SubjectImages, subject_groups
@@ -54,7 +55,7 @@ class RedrawMixin:
         image: PIL.Image.Image,
         prompt: str,
         subject_images: SubjectImages,
-        strength: float = 0.4,
+        strength: float = DETAIL.strength,
         *,
         negative_prompt: str | None = None,
         num_inference_steps: int = 20,

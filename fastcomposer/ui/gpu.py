@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..config import Limits
+from ..config import DETAIL, Limits
 from ..generation.estimate import Estimator, Workload
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def workload(request, subjects) -> Workload:
     faces = len(subjects) * int(request.num_images) if getattr(request, "detail_faces", False) else 0
     return Workload.of(request.scheduler, request.num_inference_steps, request.cache_interval, request.width,
                        request.height, request.num_images, sum(len(group) for group in subjects), request.alpha,
-                       request.guidance_scale, faces, getattr(request, "detail_strength", 0.4))
+                       request.guidance_scale, faces, getattr(request, "detail_strength", DETAIL.strength))
 
 
 def gpu_duration(key: str, request, subjects, loras, alphas: list[float] | None = None) -> int:

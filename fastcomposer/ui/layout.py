@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..pipeline.boxes import format_boxes, parse_boxes_text
+from ..pipeline.boxes import format_boxes, parse_boxes_text, side_by_side
 from ..pipeline.overlays import SUBJECT_COLOURS
 
 SEPARATE_ENV = "FASTCOMPOSER_SEPARATE"  # "1": "Keep people apart" is on by default on this server
@@ -33,7 +33,7 @@ SEPARATE_INFO = ("After the first steps, each person keeps the part of the image
 def preset_boxes(preset: str, count: int) -> list | None:
     """The boxes of a layout preset for `count` subjects (None: free)."""
     if preset == SIDE_BY_SIDE and count >= 1:
-        return [(round(k / count, 4), 0.0, round((k + 1) / count, 4), 1.0) for k in range(count)]
+        return side_by_side(count)
     if preset == FRONT_BEHIND and count == 4:  # subjects 1, 2 in front (lower, larger); 3, 4 behind them
         return [(0.0, 0.35, 0.5, 1.0), (0.5, 0.35, 1.0, 1.0), (0.1, 0.0, 0.5, 0.6), (0.5, 0.0, 0.9, 0.6)]
     return None
@@ -83,7 +83,7 @@ def canvas_value(text: str, width: float, height: float, prompt: str, photo_coun
         boxes, error = parse_boxes_text(text) or [], ""
     except ValueError as e:
         boxes, error = [], str(e)
-    boxes = [list(box) if box is not None else None for box in boxes[:max(count, len(boxes))]]
+    boxes = [list(box) if box is not None else None for box in boxes]
     boxes += [None] * (count - len(boxes))
     return {
         "boxes": boxes,

@@ -14,7 +14,6 @@ safe) as Generate; its errors reach the client as tool errors in the Python word
 from __future__ import annotations
 
 import re
-import secrets
 import warnings
 
 import gradio as gr
@@ -89,7 +88,7 @@ class ToolHandler:
 
     def prepare(self, prompt, photo_fields, seed, preset, alpha, num_images, layout_boxes):
         """The checked request and the cropped subjects; `UserFacingError`/`ValueError` for anything wrong."""
-        from ..generation.request import GenerationRequest, validate
+        from ..generation.request import GenerationRequest, seed_of, validate
         from ..generation.run import prepare_subjects
         from ..inputs.prompt import load_tokenizer
         from ..inputs.remote import FetchPolicy, photo_from
@@ -114,9 +113,7 @@ class ToolHandler:
         photos = [[photo_from(source, policy, f"photo {j + 1} of subject {k + 1}") for j, source in enumerate(group)]
                   for k, group in enumerate(sources)]
         request.images = photos
-        request.num_images, request.seed = int(num_images), int(request.seed)
-        if request.seed == -1:
-            request.seed = secrets.randbelow(self.settings.limits.max_seed + 1)
+        request.num_images, request.seed = int(num_images), seed_of(int(request.seed), self.settings.limits)
         return request, prepare_subjects(photos, face_crop=True)
 
     def run(self, request, subjects, progress):

@@ -20,7 +20,6 @@ drops the cancelled handler's last answer (the page went blank and silent). So S
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..config import DETAIL
 from ..generation.estimate import Estimator, format_seconds, is_zerogpu
 from ..generation.streaming import PreviewEvent, ResultEvent, RunEvent, StepEvent
 from ..generation.time_left import RunClock
@@ -177,7 +177,7 @@ class Handlers:
                 crop_margin=None if crop_margin is None else float(crop_margin),
                 attention_maps=bool(attention_maps), identity_check=bool(identity_check),
                 boxes=boxes, separate=bool(keep_apart), detail_faces=bool(refine_faces),
-                detail_strength=0.4 if face_strength is None else face_strength,
+                detail_strength=DETAIL.strength if face_strength is None else face_strength,
             )
             page = _PageInputs(
                 slots=[photo_1, photo_2, photo_3, photo_4][:MAX_SLOTS],
@@ -189,7 +189,7 @@ class Handlers:
             self.runs.end(session, run)
 
     def _generate(self, run: Run, request, page: _PageInputs, shown, progress):
-        from ..generation.run import GenerationError, validate
+        from ..generation.run import GenerationError, seed_of, validate
 
         # 1. Cheap checks first: nothing is decoded or loaded for a request that cannot run
         photos = photos_of(page.slots)
@@ -212,8 +212,8 @@ class Handlers:
                                                request.crop_margin)
                     for k, paths in photos]
         request.images = subjects
-        if request.seed == -1:  # drawn here, so the page knows it even if the worker never reports back
-            request.seed = secrets.randbelow(self.settings.limits.max_seed + 1)
+        # drawn here, so the page knows it even if the worker never reports back
+        request.seed = seed_of(request.seed, self.settings.limits)
         preset = speed_of(request.scheduler, request.num_inference_steps, request.cache_interval)
         request.preset = None if preset == CUSTOM else preset
         if run.stop.is_set():
